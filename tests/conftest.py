@@ -1,0 +1,20 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_image_folder(root, class_sizes, size=(40, 32), colours=None, ext=".jpg"):
+    """Write an ImageFolder tree; class c's images are a solid colour (default distinct per class)."""
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(class_sizes):
+        folder = root / f"class_{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = colours[c] if colours else tuple(int(v) for v in rng.integers(0, 256, 3))
+        for i in range(n):
+            Image.new("RGB", size, colour).save(folder / f"img_{i:04d}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "data", [3, 1, 5])
