@@ -1,0 +1,131 @@
+"""Atomic training checkpoints in timm's format, and finding the newest valid one to resume from.
+
+The file holds timm's keys (``arch``, ``state_dict``, ``state_dict_ema``, ``optimizer``, ``epoch`` as the
+last completed epoch with ``version`` 2, ``args``, ``metric``, the AMP scaler under its timm key), so
+timm's own ``load_checkpoint`` / ``resume_checkpoint`` read it, plus what timm's resume lacks to continue
+mid-epoch: the scheduler, the sampler position and every RNG state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "copy_checkpoint",
+    "load_checkpoint_file",
+    "find_resume_checkpoint",
+    "rng_state",
+    "set_rng_state",
+]
+
+_logger = logging.getLogger(__name__)
+
+LAST = "last.pth.tar"
+BEST = "model_best.pth.tar"
+PREVIOUS = "last-previous.pth.tar"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not belong to this run."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike, *, keep_previous: bool = False) -> None:
+    """Write to a temporary file, fsync, then rename over ``path``: a crash leaves the old file intact.
+
+    ``keep_previous`` first renames an existing file to ``last-previous.pth.tar`` as a fallback.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(PREVIOUS))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy via a temporary file and rename, as atomic as save_checkpoint."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only=True, turning truncation and foreign files into CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return checkpoint
+
+
+def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``folder`` that loads, skipping unreadable ones with a warning."""
+    folder = Path(folder)
+    candidates = [folder / name for name in (LAST, PREVIOUS, BEST) if (folder / name).is_file()]
+    loaded = []
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint_file(path)
+        except CheckpointError as e:
+            _logger.warning("--resume auto: skipping %s", e)
+            continue
+        if "state_dict" not in checkpoint or "global_step" not in checkpoint:
+            _logger.warning("--resume auto: skipping %s, it is not a timm-cskd training checkpoint", path)
+            continue
+        loaded.append((checkpoint["global_step"], path, checkpoint))
+    if not loaded:
+        return None
+    _, path, checkpoint = max(loaded, key=lambda item: item[0])
+    return path, checkpoint
+
+
+def rng_state() -> dict:
+    """Every RNG the data pipeline and Mixup draw from, in a form weights_only loading accepts."""
+    np_state = np.random.get_state()  # noqa: NPY002 - timm's Mixup draws from the legacy global RNG
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,692 @@
+"""The training job behind ``train_imagenet.py``: DDP from torchrun's environment, torch AMP, CS-KD as a
+timm TrainingTask, timm's optimizer/scheduler/EMA, exact mid-epoch resume and SIGTERM checkpoints.
+
+``run(args)`` trains and returns the final validation metrics; ``main(argv)`` is the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import Mixup, resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import update_summary
+from timm.utils.distributed import init_distributed_device_so
+from timm.utils.model import unwrap_model
+
+from timm_cskd import checkpoint as ckpt
+from timm_cskd.config import ConfigError, dump_args, parse_args
+from timm_cskd.data.index import DataIndexError, build_index
+from timm_cskd.data.loader import build_transforms, create_train_loader, create_val_loader, seed_loader
+from timm_cskd.metrics import ClassificationMeter
+from timm_cskd.task import CSKDTask
+
+__all__ = ["run", "main", "evaluate_model"]
+
+_logger = logging.getLogger("timm_cskd.train")
+
+STOP_SIGNALS = (signal.SIGTERM,)
+
+
+@dataclass
+class Context:
+    """What every rank knows about the process group and device."""
+
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    # Running sums of this epoch's loss terms (loss, ce, cls, count), so a resumed epoch reports them whole.
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+
+
+def setup_context(args) -> Context:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = init_distributed_device_so(device=device)
+    ctx = Context(
+        device=torch.device(info["device"]),
+        world_size=info["world_size"],
+        rank=info["global_rank"],
+        local_rank=info["local_rank"],
+    )
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ctx
+
+
+def setup_logging(ctx: Context, log_file: Path | None) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    level = logging.INFO if ctx.primary else logging.WARNING
+    fmt = logging.Formatter(
+        "%(asctime)s %(message)s" if ctx.primary else f"[rank {ctx.rank}] %(message)s", "%H:%M:%S"
+    )
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if log_file is not None and ctx.primary:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(file_handler)
+    root.setLevel(level)
+
+
+def experiment_dir(args, ctx: Context) -> Path:
+    name = args.experiment
+    if name is None:
+        if args.resume == "auto":
+            raise ConfigError("--resume auto needs --experiment to know which folder to resume")
+        name = [f"{args.model}-{args.cskd_mode}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if ctx.distributed:
+            dist.broadcast_object_list(name, src=0)
+        name = name[0]
+        args.experiment = name
+    folder = Path(args.output) / name
+    if ctx.primary:
+        folder.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    return folder
+
+
+def resolve_data_dir(args, ctx: Context) -> Path:
+    if args.data_dir is not None:
+        return Path(args.data_dir)
+    from timm_cskd.data.demo import demo_data_dir
+
+    if ctx.primary:
+        demo_data_dir()
+    ctx.barrier()
+    return demo_data_dir()
+
+
+def _split_path(data_dir: Path, names: list[str]) -> Path | None:
+    for name in names:
+        for candidate in (data_dir / name, data_dir / f"{name}.txt"):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def load_indices(args, ctx: Context, out_dir: Path):
+    """Train/val indices. Rank 0 scans (and caches) first, then the other ranks read its cache."""
+    data_dir = resolve_data_dir(args, ctx)
+    if not data_dir.is_dir():
+        raise DataIndexError(f"--data-dir {data_dir} does not exist or is not a folder")
+    train_path = _split_path(data_dir, [args.train_split])
+    if train_path is None:
+        raise DataIndexError(f"no '{args.train_split}' folder or list file in {data_dir}")
+    val_names = [args.val_split] if args.val_split else ["val", "validation"]
+    val_path = _split_path(data_dir, val_names)
+    cache_dir = out_dir / "index-cache"
+
+    def build():
+        train = build_index(train_path, cache_dir=cache_dir, num_classes=args.num_classes)
+        val = None
+        if val_path is not None:
+            val = build_index(
+                val_path, cache_dir=cache_dir, num_classes=train.num_classes, classes=train.classes
+            )
+        return train, val
+
+    if ctx.primary:
+        indices = build()
+    ctx.barrier()
+    if not ctx.primary:
+        indices = build()
+    train, val = indices
+    if args.exclude_list:
+        with open(args.exclude_list, encoding="utf-8") as f:
+            bad = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+        train = train.without(bad)
+        val = val.without(bad) if val is not None else None
+        if train.excluded:
+            _logger.info(
+                "excluding %d undecodable training images listed in %s",
+                len(train.excluded),
+                args.exclude_list,
+            )
+    return data_dir, train, val
+
+
+def create_model(args, num_classes: int) -> torch.nn.Module:
+    if args.model not in timm.list_models() and not args.model.startswith(("hf-hub:", "local-dir:")):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model '{args.model}'{hint}")
+    return timm.create_model(
+        args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=args.in_chans
+    )
+
+
+def validate_args(args) -> None:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.cskd_mode == "paired" and args.batch_size % 2:
+        raise ConfigError(
+            f"--cskd-mode paired needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"
+        )
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {args.batch_size}")
+    if args.plain_sampler and args.cskd_mode != "off":
+        raise ConfigError("--plain-sampler gives no class pairs: use it with --cskd-mode off")
+    if args.data_backend == "dali":
+        from timm_cskd.data import dali  # noqa: F401  (raises with install instructions when missing)
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+
+
+def autocast_context(args, device: torch.device):
+    if not args.amp:
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def evaluate_model(
+    model, loader, ctx: Context, autocast, channels_last: bool, num_bins: int
+) -> dict[str, float]:
+    """Top-1/5 error, NLL, Brier and ECE over this rank's shard, all-reduced: each image counts once."""
+    meter = ClassificationMeter(num_bins=num_bins, device=ctx.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for images, target in loader:
+            images = images.to(ctx.device, non_blocking=True)
+            target = target.to(ctx.device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = model(images)
+            meter.update(logits, target)
+    model.train(was_training)
+    meter.all_reduce()
+    return meter.compute()
+
+
+class _StopFlag:
+    """Set by SIGTERM (a scheduler's preemption notice); checked between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, ctx: Context) -> bool:
+        """All ranks stop at the same step, or one would wait forever in the next all-reduce."""
+        if not ctx.distributed:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Trainer:
+    def __init__(self, args):
+        validate_args(args)
+        self.args = args
+        self.ctx = ctx = setup_context(args)
+        self.out_dir = experiment_dir(args, ctx)
+        setup_logging(ctx, self.out_dir / "log.txt")
+        random.seed(args.seed + ctx.rank)
+        np.random.seed(args.seed + ctx.rank)  # noqa: NPY002 - timm's Mixup uses the global RNG
+        torch.manual_seed(args.seed + ctx.rank)
+
+        self.data_dir, self.train_index, self.val_index = load_indices(args, ctx, self.out_dir)
+        num_classes = self.train_index.num_classes
+        if args.num_classes is None:
+            args.num_classes = num_classes
+        self.model = model = create_model(args, num_classes)
+        self.data_config = resolve_data_config(
+            {
+                "input_size": (args.in_chans, args.img_size, args.img_size),
+                "crop_pct": args.crop_pct,
+                "interpolation": args.interpolation,
+                "mean": args.mean,
+                "std": args.std,
+            },
+            model=model,
+        )
+        if args.sync_bn and ctx.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(ctx.device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+
+        train_tf, val_tf = build_transforms(args, self.data_config)
+        pin = ctx.device.type == "cuda"
+        if args.data_backend == "dali":
+            from timm_cskd.data.dali import create_dali_loaders
+
+            self.train_loader, self.val_loader = create_dali_loaders(
+                args, self.train_index, self.val_index, self.data_config, ctx
+            )
+        else:
+            self.train_loader = create_train_loader(
+                self.train_index, train_tf, args, num_replicas=ctx.world_size, rank=ctx.rank, pin_memory=pin
+            )
+            self.val_loader = None
+            if self.val_index is not None:
+                self.val_loader = create_val_loader(
+                    self.val_index,
+                    val_tf,
+                    args.validation_batch_size or 2 * args.batch_size,
+                    num_replicas=ctx.world_size,
+                    rank=ctx.rank,
+                    workers=args.workers,
+                    pin_memory=pin,
+                )
+        self.sampler = self.train_loader.batch_sampler
+
+        self.global_batch = args.batch_size * ctx.world_size
+        if args.lr is None:
+            args.lr = args.lr_base * self.global_batch / 256
+        self.optimizer = create_optimizer_v2(
+            model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+        )
+        self.autocast = autocast_context(args, ctx.device)
+        self.scaler = (
+            torch.amp.GradScaler(ctx.device.type) if args.amp and args.amp_dtype == "float16" else None
+        )
+        mixup_fn = None
+        if args.mixup > 0 or args.cutmix > 0:
+            mixup_fn = Mixup(
+                mixup_alpha=args.mixup,
+                cutmix_alpha=args.cutmix,
+                prob=args.mixup_prob,
+                switch_prob=args.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=args.smoothing,
+                num_classes=num_classes,
+            )
+        self.task = CSKDTask(
+            model,
+            mode=args.cskd_mode,
+            temperature=args.cskd_temperature,
+            lambda_cls=args.cskd_lambda,
+            smoothing=args.smoothing,
+            mixup_fn=mixup_fn,
+            pair_batches=not args.plain_sampler,
+            device=ctx.device,
+        )
+        if args.model_ema:
+            self.task.setup_ema(decay=args.model_ema_decay)
+        if args.torchcompile:
+            self.task.compile(backend=args.torchcompile)
+        if ctx.distributed:
+            self.task.prepare_distributed(device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+
+        self.updates_per_epoch = len(self.train_loader)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer,
+            sched=args.sched,
+            num_epochs=args.epochs,
+            decay_milestones=args.decay_milestones,
+            decay_rate=args.decay_rate,
+            warmup_epochs=args.warmup_epochs,
+            warmup_lr=args.warmup_lr,
+            min_lr=args.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=self.updates_per_epoch,
+        )
+        self.state = TrainState()
+        if args.resume:
+            self._resume(args.resume)
+        if ctx.primary:
+            dump_args(args, self.out_dir / "args.yaml")
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _checkpoint_state(self, rng_states: list[dict]) -> dict:
+        s = self.state
+        state = {
+            "arch": self.args.model,
+            # timm's convention: the last completed epoch, version 2 (timm resumes at epoch + 1).
+            "epoch": s.epoch - 1,
+            "version": 2,
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "metric": s.best_metric,
+            "global_step": s.global_step,
+            "resume_epoch": s.epoch,
+            "resume_batch": s.batch_in_epoch,
+            "best_metric": s.best_metric,
+            "best_epoch": s.best_epoch,
+            "epoch_sums": list(s.epoch_sums),
+            "sampler": self.sampler.state_dict(batches_consumed=s.batch_in_epoch),
+            "rng": rng_states,
+            "num_classes": self.args.num_classes,
+            "class_names": self.train_index.classes,
+            "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()},
+        }
+        state.update(self.task.get_checkpoint_state())
+        if self.task.has_ema():
+            state.update(self.task.get_checkpoint_state(ema=True))
+        if self.scaler is not None:
+            state["amp_scaler"] = self.scaler.state_dict()
+        return state
+
+    def save(self) -> None:
+        """Every rank calls this: rank 0 gathers each rank's RNG state and writes ``last.pth.tar``."""
+        rng_states = [ckpt.rng_state()]
+        if self.ctx.distributed:
+            gathered = [None] * self.ctx.world_size if self.ctx.primary else None
+            dist.gather_object(rng_states[0], gathered, dst=0)
+            rng_states = gathered
+        if self.ctx.primary:
+            ckpt.save_checkpoint(
+                self._checkpoint_state(rng_states), self.out_dir / ckpt.LAST, keep_previous=True
+            )
+
+    def _resume(self, resume: str) -> None:
+        if resume == "auto":
+            found = ckpt.find_resume_checkpoint(self.out_dir)
+            if found is None:
+                _logger.info("--resume auto: no checkpoint in %s, starting fresh", self.out_dir)
+                return
+            path, state = found
+        else:
+            path, state = Path(resume), ckpt.load_checkpoint_file(resume)
+        if "global_step" not in state:
+            raise ckpt.CheckpointError(
+                f"{path} is not a timm-cskd training checkpoint (no training position)"
+            )
+        try:
+            self.task.load_checkpoint_state(state["state_dict"])
+            if self.task.has_ema() and "state_dict_ema" in state:
+                self.task.load_checkpoint_state(state["state_dict_ema"], ema=True)
+        except RuntimeError as e:
+            raise ckpt.CheckpointError(f"{path} does not fit --model {self.args.model}: {e}") from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "amp_scaler" in state:
+            self.scaler.load_state_dict(state["amp_scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.state = TrainState(
+            epoch=state["resume_epoch"],
+            batch_in_epoch=state["resume_batch"],
+            global_step=state["global_step"],
+            best_metric=state["best_metric"],
+            best_epoch=state["best_epoch"],
+            epoch_sums=list(state["epoch_sums"]),
+        )
+        if len(state["rng"]) != self.ctx.world_size:
+            raise ckpt.CheckpointError(
+                f"{path} was saved by {len(state['rng'])} rank(s); resume it with the same number of processes"
+            )
+        ckpt.set_rng_state(state["rng"][self.ctx.rank])
+        _logger.info(
+            "resumed from %s at epoch %d, batch %d (step %d)",
+            path,
+            self.state.epoch,
+            self.state.batch_in_epoch,
+            self.state.global_step,
+        )
+
+    # ----------------------------------------------------------------- loop
+
+    def _train_step(self, images, target):
+        args, ctx = self.args, self.ctx
+        images = images.to(ctx.device, non_blocking=True)
+        target = target.to(ctx.device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            result = self.task(images, target)
+        loss = result["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if args.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), args.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), args.clip_grad)
+            self.optimizer.step()
+        return torch.stack([loss.detach().float(), result["ce"].float(), result["cls"].float()])
+
+    def train_epoch(self, epoch: int, stop: _StopFlag) -> dict[str, float] | None:
+        """One epoch from the current position; returns its mean loss terms, or None when stopped."""
+        args, ctx, state = self.args, self.ctx, self.state
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.train_loader, "generator") and self.train_loader.generator is not None:
+            seed_loader(self.train_loader, args.seed, epoch, ctx.rank)
+        self.task.train()
+        sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=ctx.device)
+        window_start, window_steps = time.perf_counter(), 0
+        total_steps = args.epochs * self.updates_per_epoch
+        step_time = None
+        for images, target in self.train_loader:
+            terms = self._train_step(images, target)
+            sums[:3] += terms.double()
+            sums[3] += 1
+            state.batch_in_epoch += 1
+            state.global_step += 1
+            window_steps += 1
+            if self.scheduler is not None:
+                self.scheduler.step_update(num_updates=state.global_step)
+            self.task.update_ema(step=state.global_step)
+
+            last_batch = state.batch_in_epoch == self.updates_per_epoch
+            at_log = state.global_step % args.log_interval == 0 or last_batch
+            at_checkpoint = args.checkpoint_interval and state.global_step % args.checkpoint_interval == 0
+            if at_log:
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                self._log_progress(epoch, terms, step_time, total_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            # Ranks agree only where they sync anyway; a single process checks every step.
+            if (at_log or at_checkpoint or not ctx.distributed) and stop.agreed(ctx):
+                state.epoch_sums = sums.tolist()
+                self.save()
+                _logger.info(
+                    "stop requested (SIGTERM): saved %s at step %d, exiting", ckpt.LAST, state.global_step
+                )
+                return None
+            if at_checkpoint and not last_batch:
+                state.epoch_sums = sums.tolist()
+                self.save()
+        if ctx.distributed:
+            dist.all_reduce(sums)
+        sums = sums.tolist()
+        count = max(sums[3], 1.0)
+        return {"loss": sums[0] / count, "ce": sums[1] / count, "cls": sums[2] / count}
+
+    def _log_progress(self, epoch, terms, step_time, total_steps):
+        if not self.ctx.primary:
+            return
+        s = self.state
+        loss, ce, cls = terms.tolist()
+        lr = self.optimizer.param_groups[0]["lr"]
+        rate = self.args.batch_size * self.ctx.world_size / step_time
+        eta = (total_steps - s.global_step) * step_time
+        _logger.info(
+            "epoch %d/%d  step %d/%d (%3.0f%%)  %.0f img/s  loss %.4f  ce %.4f  cls %.4f  lr %.4g  eta %s",
+            epoch + 1,
+            self.args.epochs,
+            s.batch_in_epoch,
+            self.updates_per_epoch,
+            100.0 * s.batch_in_epoch / self.updates_per_epoch,
+            rate,
+            loss,
+            ce,
+            cls,
+            lr,
+            _format_eta(eta),
+        )
+
+    def validate(self) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        model = unwrap_model(self.task.get_eval_model())
+        metrics = evaluate_model(
+            model, self.val_loader, self.ctx, self.autocast, self.args.channels_last, self.args.ece_bins
+        )
+        if self.task.has_ema():
+            ema = unwrap_model(self.task.get_eval_model(ema=True))
+            ema_metrics = evaluate_model(
+                ema, self.val_loader, self.ctx, self.autocast, self.args.channels_last, self.args.ece_bins
+            )
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "num_samples"})
+        return metrics
+
+    def fit(self) -> dict[str, float]:
+        args, state = self.args, self.state
+        _logger.info(
+            "training %s (%s mode) on %d images, %d classes, %d rank(s) x batch %d, %d steps/epoch, lr %.4g -> %s",
+            args.model,
+            args.cskd_mode,
+            len(self.train_index),
+            self.train_index.num_classes,
+            self.ctx.world_size,
+            args.batch_size,
+            self.updates_per_epoch,
+            args.lr,
+            self.out_dir,
+        )
+        metrics: dict[str, float] = {}
+        with _StopFlag() as stop:
+            while state.epoch < args.epochs:
+                epoch = state.epoch
+                epoch_start = time.perf_counter()
+                steps_before = state.batch_in_epoch
+                train_metrics = self.train_epoch(epoch, stop)
+                if train_metrics is None:
+                    return {}
+                seconds = time.perf_counter() - epoch_start
+                train_metrics["img_per_sec"] = (
+                    (state.batch_in_epoch - steps_before)
+                    * self.args.batch_size
+                    * self.ctx.world_size
+                    / seconds
+                )
+                metrics = self.validate()
+                lr = self.optimizer.param_groups[0]["lr"]
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
+                state.epoch_sums = [0.0, 0.0, 0.0, 0.0]
+                is_best = bool(metrics) and (
+                    state.best_metric is None or metrics["top1_err"] < state.best_metric
+                )
+                if is_best:
+                    state.best_metric, state.best_epoch = metrics["top1_err"], epoch
+                if self.ctx.primary:
+                    eval_row = {k: metrics[k] for k in ("nll", "top1_err", "top5_err", "ece") if k in metrics}
+                    update_summary(epoch, train_metrics, eval_row, self.out_dir / "summary.csv", lr=lr)
+                    if metrics:
+                        _logger.info(
+                            "epoch %d/%d validation: top-1 err %.2f%%  top-5 err %.2f%%  NLL %.4f  ECE %.2f%%  (%d images)",
+                            epoch + 1,
+                            args.epochs,
+                            metrics["top1_err"],
+                            metrics["top5_err"],
+                            metrics["nll"],
+                            metrics["ece"],
+                            metrics["num_samples"],
+                        )
+                # Commit the finished epoch to last.pth.tar (atomic), then copy it to best if it is.
+                self.save()
+                if is_best and self.ctx.primary:
+                    ckpt.copy_checkpoint(self.out_dir / ckpt.LAST, self.out_dir / ckpt.BEST)
+        return metrics
+
+    def close(self) -> None:
+        if self.ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args) -> dict[str, float]:
+    trainer = Trainer(args)
+    try:
+        metrics = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.ctx.primary and metrics:
+        print_final_table(trainer, metrics)
+    return metrics
+
+
+def print_final_table(trainer: Trainer, metrics: dict[str, float]) -> None:
+    rows = [
+        ("top-1 error (%)", f"{metrics['top1_err']:.2f}"),
+        ("top-5 error (%)", f"{metrics['top5_err']:.2f}"),
+        ("NLL", f"{metrics['nll']:.4f}"),
+        ("ECE, 20 bins (%)", f"{metrics['ece']:.2f}"),
+        ("Brier", f"{metrics['brier']:.4f}"),
+        ("validation images", f"{metrics['num_samples']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"\nFinal metrics ({trainer.args.model}, CS-KD mode '{trainer.args.cskd_mode}'):")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:>8}")
+    print(f"Outputs in {trainer.out_dir.resolve()}: summary.csv, args.yaml, log.txt, {ckpt.LAST}, {ckpt.BEST}")
+
+
+def main(argv: list[str] | None = None, default_config: str | os.PathLike | None = None) -> int:
+    try:
+        args = parse_args(argv, default_config)
+        run(args)
+    except (ConfigError, DataIndexError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
