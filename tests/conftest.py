@@ -3,15 +3,19 @@ import pytest
 from PIL import Image
 
 
-def make_image_folder(root, class_sizes, size=(40, 32), colours=None, ext=".jpg"):
-    """Write an ImageFolder tree; class c's images are a solid colour (default distinct per class)."""
+def make_image_folder(root, class_sizes, size=(40, 32), colours=None, ext=".jpg", noise=0):
+    """Write an ImageFolder tree; class c's images are its colour (default distinct per class) plus
+    uniform pixel noise of +-``noise``, so that images of one class differ."""
     rng = np.random.default_rng(0)
     for c, n in enumerate(class_sizes):
         folder = root / f"class_{c:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         colour = colours[c] if colours else tuple(int(v) for v in rng.integers(0, 256, 3))
         for i in range(n):
-            Image.new("RGB", size, colour).save(folder / f"img_{i:04d}{ext}")
+            pixels = np.broadcast_to(np.asarray(colour, dtype=np.int16), (size[1], size[0], 3))
+            if noise:
+                pixels = pixels + rng.integers(-noise, noise + 1, pixels.shape)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"img_{i:04d}{ext}")
     return root
 
 

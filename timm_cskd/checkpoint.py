@@ -110,22 +110,27 @@ def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | Non
 
 
 def rng_state() -> dict:
-    """Every RNG the data pipeline and Mixup draw from, in a form weights_only loading accepts."""
+    """Every RNG the data pipeline and Mixup draw from, as plain bytes and ints: weights_only loading
+    accepts them, and torch.distributed.gather_object pickles them without tensor storages."""
     np_state = np.random.get_state()  # noqa: NPY002 - timm's Mixup draws from the legacy global RNG
     state = {
         "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": bytes(torch.get_rng_state().numpy()),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = bytes(torch.cuda.get_rng_state().numpy())
     return state
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))  # noqa: NPY002
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_byte_tensor(state["cuda"]))

@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend"
     )
     runtime.add_argument("--sync-bn", action="store_true")
+    runtime.add_argument(
+        "--dist-bn",
+        choices=("reduce", "broadcast", ""),
+        default="reduce",
+        help="how BatchNorm running stats are made equal across ranks at epoch ends ('' keeps each rank's)",
+    )
     runtime.add_argument("--model-ema", action="store_true")
     runtime.add_argument("--model-ema-decay", type=float, default=0.9998)
     runtime.add_argument("--seed", type=int, default=42)
@@ -202,6 +208,11 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
         action = valid[dest]
         if action.type is not None and value is not None and not isinstance(value, list | tuple):
             value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(
+                f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}"
+                + (" (quote it: bare yes/no/on/off are YAML booleans)" if isinstance(value, bool) else "")
+            )
         values[dest] = value
     return values
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import update_summary
+from timm.utils import distribute_bn, update_summary
 from timm.utils.distributed import init_distributed_device_so
 from timm.utils.model import unwrap_model
 
@@ -576,6 +576,15 @@ class Trainer:
             _format_eta(eta),
         )
 
+    def sync_batchnorm_stats(self) -> None:
+        """DDP syncs gradients, not BatchNorm running stats: average them over ranks (as timm's --dist-bn)."""
+        if not self.ctx.distributed or not self.args.dist_bn:
+            return
+        reduce = self.args.dist_bn == "reduce"
+        distribute_bn(unwrap_model(self.task.get_trainable_module()), self.ctx.world_size, reduce)
+        if self.task.has_ema():
+            distribute_bn(self.task.get_trainable_module(ema=True), self.ctx.world_size, reduce)
+
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
@@ -621,6 +630,7 @@ class Trainer:
                     * self.ctx.world_size
                     / seconds
                 )
+                self.sync_batchnorm_stats()
                 metrics = self.validate()
                 lr = self.optimizer.param_groups[0]["lr"]
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
@@ -679,7 +689,9 @@ def print_final_table(trainer: Trainer, metrics: dict[str, float]) -> None:
     print(f"\nFinal metrics ({trainer.args.model}, CS-KD mode '{trainer.args.cskd_mode}'):")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>8}")
-    print(f"Outputs in {trainer.out_dir.resolve()}: summary.csv, args.yaml, log.txt, {ckpt.LAST}, {ckpt.BEST}")
+    print(
+        f"Outputs in {trainer.out_dir.resolve()}: summary.csv, args.yaml, log.txt, {ckpt.LAST}, {ckpt.BEST}"
+    )
 
 
 def main(argv: list[str] | None = None, default_config: str | os.PathLike | None = None) -> int:

@@ -1,0 +1,244 @@
+"""End-to-end training on tiny generated folders: every mode learns, resume is exact, bad input is clear."""
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_image_folder
+
+from timm_cskd.checkpoint import load_checkpoint_file
+from timm_cskd.config import ConfigError, parse_args
+from timm_cskd.train import main, run
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
+    make_image_folder(root / "val", [5, 5, 5, 5], size=(24, 20), colours=COLOURS, noise=60)
+    return root
+
+
+def tiny_args(data_dir, out, *extra):
+    return [
+        "--data-dir", str(data_dir), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
+        "--epochs", "3", "-b", "8", "--lr", "0.05", "--sched", "cosine", "-j", "0", "--log-interval", "2",
+        "--output", str(out), "--experiment", "run", "--seed", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def summary(out):
+    with open(Path(out) / "run" / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--cskd-mode", "anchor"],
+        ["--cskd-mode", "paired", "-b", "16"],
+        ["--cskd-mode", "off"],
+        ["--cskd-mode", "off", "--plain-sampler"],
+        ["--cskd-mode", "anchor", "--mixup", "0.2", "--cutmix", "1.0"],
+        ["--cskd-mode", "anchor", "--smoothing", "0.1"],
+        ["--cskd-mode", "paired", "-b", "16", "--smoothing", "0.1", "--model-ema"],
+    ],
+    ids=["anchor", "paired", "off", "off-plain", "anchor-mixup", "anchor-smoothing", "paired-smoothing-ema"],
+)
+def test_each_mode_trains_and_loss_falls(data_dir, tmp_path, extra):
+    metrics = run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "4", *extra)))
+    rows = summary(tmp_path)
+    assert len(rows) == 4
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert metrics["num_samples"] == 20
+    for row in rows:
+        loss, ce, cls = (float(row[k]) for k in ("train_loss", "train_ce", "train_cls"))
+        assert loss == pytest.approx(ce + cls, rel=1e-6)
+        if "off" in extra:
+            assert cls == 0.0
+        else:
+            assert cls > 0.0
+    out = tmp_path / "run"
+    assert {"args.yaml", "summary.csv", "log.txt", "last.pth.tar", "model_best.pth.tar"} <= set(
+        os.listdir(out)
+    )
+    saved = yaml.safe_load((out / "args.yaml").read_text())
+    assert saved["cskd_mode"] == extra[1] and saved["num_classes"] == 4
+
+
+def test_checkpoint_is_loadable_by_timm(data_dir, tmp_path):
+    import timm
+    from timm.models import load_checkpoint
+
+    run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "1", "--model-ema")))
+    path = tmp_path / "run" / "last.pth.tar"
+    checkpoint = load_checkpoint_file(path)
+    assert {"state_dict", "state_dict_ema", "optimizer", "epoch", "args", "arch", "version"} <= set(
+        checkpoint
+    )
+    assert checkpoint["epoch"] == 0 and checkpoint["version"] == 2
+    model = timm.create_model("test_resnet", num_classes=4)
+    for use_ema, key in ((False, "state_dict"), (True, "state_dict_ema")):
+        load_checkpoint(model, str(path), use_ema=use_ema)
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, checkpoint[key][name])
+
+
+def _final_weights(out):
+    return load_checkpoint_file(Path(out) / "run" / "last.pth.tar")["state_dict"]
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def _spawn(args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train_imagenet.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+EXACT = ["--mixup", "0.4", "--epochs", "2", "--checkpoint-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = _spawn(tiny_args(data_dir, out, *EXACT))
+    assert proc.wait() == 0, proc.stdout.read()
+    return _final_weights(out)
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path, uninterrupted):
+    proc = _spawn(tiny_args(data_dir, tmp_path, *EXACT))
+    _wait_for(tmp_path / "run" / "last.pth.tar", proc)
+    proc.kill()
+    proc.wait()
+    state = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
+    assert state["resume_epoch"] == 0 and 0 < state["resume_batch"] < 6, "the kill must land mid-epoch"
+
+    resumed = _spawn(tiny_args(data_dir, tmp_path, *EXACT, "--resume", "auto"))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    _assert_identical(_final_weights(tmp_path), uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(data_dir, tmp_path, uninterrupted):
+    proc = _spawn(tiny_args(data_dir, tmp_path, *EXACT))
+    _wait_for(tmp_path / "run" / "last.pth.tar", proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate()[0]
+    assert proc.returncode == 0, output
+    assert "stop requested (SIGTERM)" in output
+    resumed = _spawn(tiny_args(data_dir, tmp_path, *EXACT, "--resume", "auto"))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    _assert_identical(_final_weights(tmp_path), uninterrupted)
+
+
+def test_truncated_checkpoint_is_skipped_with_warning(data_dir, tmp_path, capsys):
+    run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "2")))
+    last = tmp_path / "run" / "last.pth.tar"
+    previous = load_checkpoint_file(tmp_path / "run" / "last-previous.pth.tar")
+    last.write_bytes(last.read_bytes()[:1000])
+    capsys.readouterr()
+    run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "2", "--resume", "auto")))
+    output = capsys.readouterr().out
+    assert "skipping" in output and "last.pth.tar" in output
+    assert f"resumed from {tmp_path / 'run' / 'last-previous.pth.tar'}" in output
+    assert previous["resume_epoch"] == 1
+
+
+def test_yaml_config_with_flag_override_and_typo(tmp_path, data_dir):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: test_resnet\nepochs: 7\nbatch-size: 4\ndecay_milestones: [3, 5]\n")
+    args = parse_args(["-c", str(config), "--epochs", "2", "--data-dir", str(data_dir)])
+    assert (args.model, args.epochs, args.batch_size, args.decay_milestones) == ("test_resnet", 2, 4, [3, 5])
+    config.write_text("modle: resnet50\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'; did you mean 'model'"):
+        parse_args(["-c", str(config)])
+    config.write_text("cskd_mode: off\n")
+    with pytest.raises(ConfigError, match="quote it"):
+        parse_args(["-c", str(config)])
+
+
+def test_shipped_configs_parse_to_the_paper_recipe():
+    for name in ("resnet50", "resnet101", "resnext101_32x4d"):
+        for suffix, mode in (("cskd", "anchor"), ("ce", "off"), ("cskd_paired", "paired")):
+            args = parse_args(["-c", str(REPO / "configs" / f"{name}_{suffix}.yaml")])
+            assert args.cskd_mode == mode
+            assert (args.epochs, args.opt, args.momentum, args.weight_decay) == (90, "momentum", 0.9, 1e-4)
+            assert (args.sched, args.decay_milestones, args.decay_rate) == ("multistep", [30, 60], 0.1)
+            assert args.lr_base == 0.1 and args.img_size == 224 and tuple(args.scale) == (0.08, 1.0)
+            assert args.amp and args.amp_dtype == "bfloat16" and args.channels_last
+            assert args.batch_size * 8 == 256, (
+                "8 GPUs x batch = the paper's 256 images with gradient per step"
+            )
+            if mode != "off":
+                assert (args.cskd_temperature, args.cskd_lambda) == (4.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "message"),
+    [
+        (lambda root: root / "missing", [], "does not exist"),
+        (lambda root: (root / "empty").mkdir() or root / "empty", [], "no 'train' folder"),
+        (lambda root: (root / "e" / "train").mkdir(parents=True) or root / "e", [], "no class sub-folders"),
+        (None, ["--model", "resnet5O"], "unknown model 'resnet5O'; did you mean"),
+        (None, ["--cskd-mode", "paired", "-b", "7"], "even --batch-size"),
+        (None, ["--num-classes", "10"], "--num-classes is 10 but .* has 4 class folders"),
+        (None, ["--plain-sampler"], "--plain-sampler"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tmp_path, data_dir, capsys, make, extra, message):
+    root = make(tmp_path) if make is not None else data_dir
+    code = main(tiny_args(root, tmp_path / "out", *extra))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert re.search(message, err), err
+
+
+def test_class_with_a_single_image_trains(tmp_path):
+    root = tmp_path / "d"
+    make_image_folder(root / "train", [6, 1, 5], size=(20, 20))
+    make_image_folder(root / "val", [2, 1, 2], size=(20, 20))
+    metrics = run(parse_args(tiny_args(root, tmp_path, "--epochs", "1", "-b", "4")))
+    assert metrics["num_samples"] == 5
+
+
+@pytest.mark.slow
+def test_demo_defaults_resolve_to_demo_config():
+    args = parse_args([], default_config=REPO / "configs" / "demo.yaml")
+    assert args.data_dir is None and args.model == "resnet18" and args.config.endswith("demo.yaml")
