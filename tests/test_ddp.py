@@ -1,6 +1,5 @@
 """Two gloo processes under torchrun: weights stay identical, every validation image counts once."""
 
-import contextlib
 import json
 import os
 import socket
@@ -16,7 +15,7 @@ from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import parse_args
 from timm_cskd.data import build_index
 from timm_cskd.data.loader import build_transforms, create_val_loader
-from timm_cskd.train import Context, evaluate_model
+from timm_cskd.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,6 +64,6 @@ def test_two_ranks_train_identically_and_validate_each_image_once(tmp_path, mode
     loader = create_val_loader(
         build_index(data / "val"), val_tf, 8, num_replicas=1, rank=0, workers=0, pin_memory=False
     )
-    single = evaluate_model(model, loader, Context(torch.device("cpu")), contextlib.nullcontext, False, 20)
+    single = evaluate(model, loader, torch.device("cpu")).meter.compute()
     for key in ("top1_err", "top5_err", "nll", "ece", "brier", "num_samples"):
         assert single[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-6), key

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "LoadedModel",
+    "load_model",
     "save_checkpoint",
     "copy_checkpoint",
     "load_checkpoint_file",
@@ -107,6 +110,88 @@ def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | Non
         return None
     _, path, checkpoint = max(loaded, key=lambda item: item[0])
     return path, checkpoint
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from any checkpoint form, with what the checkpoint says about its data."""
+
+    model: torch.nn.Module
+    source: str
+    data_config: dict | None
+    class_names: list[str] | None
+    train_args: dict | None
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _classifier_size(model_name: str, state_dict: dict) -> int | None:
+    import timm
+
+    classifier = timm.create_model(model_name, pretrained=False).pretrained_cfg.get("classifier", "fc")
+    weight = state_dict.get(f"{classifier}.weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def load_model(path: str | os.PathLike, model_name: str | None = None, ema: bool = False) -> LoadedModel:
+    """Rebuild a timm model from a training checkpoint (``.pth.tar``), a plain state_dict (needs
+    ``model_name``) or an exported ``local-dir`` folder. Errors name the file and what is wrong."""
+    import timm
+    from timm.models import clean_state_dict
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is a folder without config.json: not an exported timm model")
+        if ema:
+            raise CheckpointError(
+                "--ema applies to training checkpoints; an exported folder holds one set of weights"
+            )
+        try:
+            model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot load the exported model in {path} ({type(e).__name__}: {e})"
+            ) from e
+        cfg = model.pretrained_cfg
+        data_config = {
+            k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct") if k in cfg
+        }
+        return LoadedModel(model, str(path), data_config, cfg.get("label_names"), None)
+
+    checkpoint = load_checkpoint_file(path)
+    train_args = None
+    if "state_dict" in checkpoint:
+        train_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else None
+        key = "state_dict_ema" if ema else "state_dict"
+        if key not in checkpoint:
+            raise CheckpointError(f"{path} has no {key} (was it trained with --model-ema?)")
+        state_dict = clean_state_dict(checkpoint[key])
+        model_name = model_name or checkpoint.get("arch") or (train_args or {}).get("model")
+        num_classes = checkpoint.get("num_classes")
+    elif _is_state_dict(checkpoint):
+        if ema:
+            raise CheckpointError(f"{path} is a plain state_dict: it holds no EMA weights")
+        state_dict = clean_state_dict(checkpoint)
+        num_classes = None
+    else:
+        raise CheckpointError(f"{path} is neither a training checkpoint nor a state_dict of tensors")
+    if model_name is None:
+        raise CheckpointError(f"{path} does not name its architecture: pass --model")
+    if model_name not in timm.list_models():
+        raise CheckpointError(f"{path}: unknown timm model '{model_name}'")
+    if num_classes is None:
+        num_classes = _classifier_size(model_name, state_dict)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit {model_name}: {str(e).splitlines()[0]}") from e
+    return LoadedModel(
+        model, str(path), checkpoint.get("data_config"), checkpoint.get("class_names"), train_args
+    )
 
 
 def rng_state() -> dict:

@@ -25,43 +25,21 @@ from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn, update_summary
-from timm.utils.distributed import init_distributed_device_so
 from timm.utils.model import unwrap_model
 
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import ConfigError, dump_args, parse_args
 from timm_cskd.data.index import DataIndexError, build_index
 from timm_cskd.data.loader import build_transforms, create_train_loader, create_val_loader, seed_loader
-from timm_cskd.metrics import ClassificationMeter
+from timm_cskd.distributed import Context, setup_context
+from timm_cskd.evaluate import evaluate
 from timm_cskd.task import CSKDTask
 
-__all__ = ["run", "main", "evaluate_model"]
+__all__ = ["Trainer", "run", "main"]
 
 _logger = logging.getLogger("timm_cskd.train")
 
 STOP_SIGNALS = (signal.SIGTERM,)
-
-
-@dataclass
-class Context:
-    """What every rank knows about the process group and device."""
-
-    device: torch.device
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def primary(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
 
 @dataclass
@@ -75,22 +53,6 @@ class TrainState:
     best_epoch: int | None = None
     # Running sums of this epoch's loss terms (loss, ce, cls, count), so a resumed epoch reports them whole.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
-
-
-def setup_context(args) -> Context:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = init_distributed_device_so(device=device)
-    ctx = Context(
-        device=torch.device(info["device"]),
-        world_size=info["world_size"],
-        rank=info["global_rank"],
-        local_rank=info["local_rank"],
-    )
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return ctx
 
 
 def setup_logging(ctx: Context, log_file: Path | None) -> None:
@@ -220,27 +182,6 @@ def autocast_context(args, device: torch.device):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def evaluate_model(
-    model, loader, ctx: Context, autocast, channels_last: bool, num_bins: int
-) -> dict[str, float]:
-    """Top-1/5 error, NLL, Brier and ECE over this rank's shard, all-reduced: each image counts once."""
-    meter = ClassificationMeter(num_bins=num_bins, device=ctx.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for images, target in loader:
-            images = images.to(ctx.device, non_blocking=True)
-            target = target.to(ctx.device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits = model(images)
-            meter.update(logits, target)
-    model.train(was_training)
-    meter.all_reduce()
-    return meter.compute()
 
 
 class _StopFlag:
@@ -588,15 +529,20 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
-        model = unwrap_model(self.task.get_eval_model())
-        metrics = evaluate_model(
-            model, self.val_loader, self.ctx, self.autocast, self.args.channels_last, self.args.ece_bins
-        )
+
+        def run(model):
+            return evaluate(
+                unwrap_model(model),
+                self.val_loader,
+                self.ctx.device,
+                autocast=self.autocast,
+                channels_last=self.args.channels_last,
+                num_bins=self.args.ece_bins,
+            ).meter.compute()
+
+        metrics = run(self.task.get_eval_model())
         if self.task.has_ema():
-            ema = unwrap_model(self.task.get_eval_model(ema=True))
-            ema_metrics = evaluate_model(
-                ema, self.val_loader, self.ctx, self.autocast, self.args.channels_last, self.args.ece_bins
-            )
+            ema_metrics = run(self.task.get_eval_model(ema=True))
             metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "num_samples"})
         return metrics
 

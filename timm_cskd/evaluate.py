@@ -1,0 +1,251 @@
+"""Evaluate a checkpoint: top-1/5 error, NLL, ECE, Brier, recall@1, and a reliability diagram.
+
+    python -m timm_cskd.evaluate --checkpoint output/run/model_best.pth.tar --data-dir /imagenet
+    torchrun --nproc_per_node=8 -m timm_cskd.evaluate --checkpoint exported/ --data-dir /imagenet
+
+CKPT is a training checkpoint, a plain state_dict (with --model) or an exported ``local-dir`` folder.
+Writes ``metrics.json`` (errors and ECE in percent, as in the paper), ``reliability.png``,
+``reliability.json`` (the bins, for ``timm_cskd.compare``) and with --save-predictions
+``predictions.npz`` (probs, labels, features). Under torchrun each rank evaluates its share and every
+image counts exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import create_transform, resolve_data_config
+
+from timm_cskd.checkpoint import CheckpointError, load_model
+from timm_cskd.data.index import DataIndexError, build_index
+from timm_cskd.data.loader import create_val_loader
+from timm_cskd.distributed import setup_context
+from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
+from timm_cskd.reliability import bins_to_dict, plot_reliability
+
+__all__ = ["Evaluation", "evaluate", "main"]
+
+_logger = logging.getLogger("timm_cskd.evaluate")
+
+
+@dataclass
+class Evaluation:
+    meter: ClassificationMeter
+    features: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def _forward(model, images, collect: bool):
+    if not collect:
+        return model(images), None
+    features = model.forward_features(images)
+    return model.forward_head(features), model.forward_head(features, pre_logits=True)
+
+
+def _gather_in_order(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor:
+    """Undo the validation sharding: rank r held images r, r + W, r + 2W, ..."""
+    if world_size == 1:
+        return local
+    longest = -(-total // world_size)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    out = local.new_empty((total, *local.shape[1:]))
+    for rank, part in enumerate(parts):
+        out[rank::world_size] = part[: len(range(rank, total, world_size))]
+    return out
+
+
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    autocast=contextlib.nullcontext,
+    channels_last: bool = False,
+    num_bins: int = DEFAULT_ECE_BINS,
+    collect: bool = False,
+    save_probs: bool = False,
+) -> Evaluation:
+    """Run ``model`` over ``loader`` (this rank's shard) and all-reduce the metric sums.
+
+    ``collect`` also gathers penultimate pooled features and labels (for recall@k) in dataset order;
+    ``save_probs`` the softmax probabilities too.
+    """
+    meter = ClassificationMeter(num_bins=num_bins, device=device)
+    features, probs, labels = [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for images, target in loader:
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits, pooled = _forward(model, images, collect)
+            meter.update(logits, target)
+            if collect:
+                features.append(pooled.float())
+                labels.append(target)
+                if save_probs:
+                    probs.append(torch.softmax(logits.float(), dim=1))
+    model.train(was_training)
+    meter.all_reduce()
+    result = Evaluation(meter)
+    if collect:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        total = int(meter.sums[0].item())
+        result.features = _gather_in_order(torch.cat(features), total, world)
+        result.labels = _gather_in_order(torch.cat(labels), total, world)
+        if save_probs:
+            result.probs = _gather_in_order(torch.cat(probs), total, world)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m timm_cskd.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="training .pth.tar, plain state_dict, or exported folder"
+    )
+    parser.add_argument("--data-dir", required=True, help="root holding the split (folder or list file)")
+    parser.add_argument("--split", default="val", help="folder or list file under --data-dir")
+    parser.add_argument("--model", default=None, help="timm model name (needed for a plain state_dict)")
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    parser.add_argument("--save-predictions", action="store_true", help="also write predictions.npz")
+    parser.add_argument("--output", default=None, help="default: <checkpoint folder>/eval-<split>")
+    parser.add_argument("-b", "--batch-size", type=int, default=128)
+    parser.add_argument("-j", "--workers", type=int, default=4)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS)
+    parser.add_argument(
+        "--recall-chunk", type=int, default=1024, help="queries per chunk of the recall@1 search"
+    )
+    return parser
+
+
+def _split_source(data_dir: Path, split: str) -> Path:
+    for candidate in (data_dir / split, data_dir / f"{split}.txt"):
+        if candidate.exists():
+            return candidate
+    if split == "val" and (data_dir / "validation").exists():
+        return data_dir / "validation"
+    raise DataIndexError(f"no '{split}' folder or list file in {data_dir}")
+
+
+def _default_output(checkpoint: Path, split: str) -> Path:
+    return (checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent) / f"eval-{split}"
+
+
+def run(args) -> dict:
+    ctx = setup_context(args)
+    logging.basicConfig(level=logging.INFO if ctx.primary else logging.WARNING, format="%(message)s")
+    loaded = load_model(args.checkpoint, args.model, ema=args.ema)
+    model = loaded.model.to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_config = resolve_data_config(loaded.data_config or {}, model=model)
+    source = _split_source(Path(args.data_dir), args.split)
+    index = build_index(source, classes=loaded.class_names if source.is_dir() else None)
+    if index.num_classes != model.num_classes:
+        raise DataIndexError(
+            f"{source} has {index.num_classes} classes, the model predicts {model.num_classes}"
+        )
+    transform = create_transform(
+        input_size=data_config["input_size"],
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config["crop_pct"],
+    )
+    loader = create_val_loader(
+        index,
+        transform,
+        args.batch_size,
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        workers=args.workers,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    autocast = (
+        (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16))
+        if args.amp
+        else contextlib.nullcontext
+    )
+    _logger.info("evaluating %s on %d images of %s", loaded.source, len(index), source)
+    result = evaluate(
+        model,
+        loader,
+        ctx.device,
+        autocast=autocast,
+        channels_last=args.channels_last,
+        num_bins=args.ece_bins,
+        collect=True,
+        save_probs=args.save_predictions,
+    )
+    metrics = result.meter.compute()
+    metrics["recall_at_1"] = recall_at_k(result.features, result.labels, k=1, chunk_size=args.recall_chunk)
+    if ctx.primary:
+        out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics["checkpoint"] = loaded.source
+        metrics["ema"] = args.ema
+        bins = bins_to_dict(*result.meter.bins())
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "reliability.json").write_text(json.dumps(bins))
+        name = Path(loaded.source).parent.name if Path(loaded.source).is_file() else Path(loaded.source).name
+        plot_reliability(bins, out / "reliability.png", title=name + (" (EMA)" if args.ema else ""))
+        if args.save_predictions:
+            np.savez_compressed(
+                out / "predictions.npz",
+                probs=result.probs.cpu().numpy(),
+                labels=result.labels.cpu().numpy(),
+                features=result.features.cpu().numpy(),
+            )
+        _logger.info(
+            "top-1 err %.2f%%  top-5 err %.2f%%  NLL %.4f  ECE %.2f%%  Brier %.4f  R@1 %.2f%%  (%d images) -> %s",
+            metrics["top1_err"],
+            metrics["top5_err"],
+            metrics["nll"],
+            metrics["ece"],
+            metrics["brier"],
+            metrics["recall_at_1"],
+            metrics["num_samples"],
+            out,
+        )
+        metrics["output"] = str(out)
+    if ctx.distributed:
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, DataIndexError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
