@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     parser.add_argument("--save-predictions", action="store_true", help="also write predictions.npz")
     parser.add_argument("--output", default=None, help="default: <checkpoint folder>/eval-<split>")
+    parser.add_argument("--img-size", type=int, default=None, help="override the checkpoint's input size")
+    parser.add_argument("--crop-pct", type=float, default=None, help="override the checkpoint's centre crop")
+    parser.add_argument(
+        "--interpolation", default=None, help="override the checkpoint's resize interpolation"
+    )
     parser.add_argument("-b", "--batch-size", type=int, default=128)
     parser.add_argument("-j", "--workers", type=int, default=4)
     parser.add_argument("--device", default=None)
@@ -161,7 +166,13 @@ def run(args) -> dict:
     model = loaded.model.to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data_config = resolve_data_config(loaded.data_config or {}, model=model)
+    overrides = {"crop_pct": args.crop_pct, "interpolation": args.interpolation}
+    if args.img_size is not None:
+        overrides["input_size"] = (3, args.img_size, args.img_size)
+    saved = dict(loaded.data_config or {})
+    saved.update({k: v for k, v in overrides.items() if v is not None})
+    # A plain state_dict carries no preprocessing: the model's pretrained_cfg fills what flags leave open.
+    data_config = resolve_data_config(saved, model=model)
     source = _split_source(Path(args.data_dir), args.split)
     index = build_index(source, classes=loaded.class_names if source.is_dir() else None)
     if index.num_classes != model.num_classes:

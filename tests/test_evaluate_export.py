@@ -1,0 +1,209 @@
+"""Evaluate, compare and export on checkpoints the trainer writes, and export round trips into timm."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+from timm_cskd import compare, evaluate, export
+from timm_cskd.config import parse_args
+from timm_cskd.train import run
+
+METRIC_KEYS = {"top1_err", "top5_err", "nll", "ece", "brier", "recall_at_1", "num_samples"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    data = root / "data"
+    make_image_folder(data / "train", [10, 10, 10], size=(20, 20), noise=50)
+    make_image_folder(data / "val", [4, 3, 4], size=(20, 20), noise=50)
+    args = [
+        "--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
+        "--epochs", "2", "-b", "6", "--lr", "0.05", "-j", "0", "--output", str(root / "out"),
+        "--experiment", "run", "--model-ema",
+    ]  # fmt: skip
+    metrics = run(parse_args(args))
+    return data, root / "out" / "run", metrics
+
+
+def test_evaluate_training_checkpoint(trained, tmp_path):
+    data, run_dir, train_metrics = trained
+    out = tmp_path / "eval"
+    code = evaluate.main(
+        ["--checkpoint", str(run_dir / "last.pth.tar"), "--data-dir", str(data), "--output", str(out),
+         "--save-predictions", "-j", "0"]
+    )  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS
+    assert metrics["num_samples"] == 11
+    # The trainer's last validation used the same weights and preprocessing.
+    for key in ("top1_err", "top5_err", "nll", "ece", "brier"):
+        assert metrics[key] == pytest.approx(train_metrics[key], rel=1e-5, abs=1e-6)
+    with Image.open(out / "reliability.png") as img:
+        assert img.size[0] > 100 and img.size[1] > 100
+    predictions = np.load(out / "predictions.npz")
+    assert predictions["probs"].shape == (11, 3)
+    np.testing.assert_allclose(predictions["probs"].sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(predictions["labels"], [0] * 4 + [1] * 3 + [2] * 4)
+    assert predictions["features"].shape[0] == 11
+    top1 = (predictions["probs"].argmax(1) != predictions["labels"]).mean() * 100
+    assert metrics["top1_err"] == pytest.approx(top1)
+
+    ema_out = tmp_path / "eval-ema"
+    assert evaluate.main(["--checkpoint", str(run_dir / "last.pth.tar"), "--data-dir", str(data), "--ema",
+                          "--output", str(ema_out), "-j", "0"]) == 0  # fmt: skip
+    assert json.loads((ema_out / "metrics.json").read_text())["ema"] is True
+
+
+def test_evaluate_state_dict_and_exported_folder_agree(trained, tmp_path):
+    data, run_dir, _ = trained
+    checkpoint = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    plain = tmp_path / "plain.pth"
+    torch.save(checkpoint["state_dict"], plain)
+    exported = export.export(run_dir / "last.pth.tar", tmp_path / "exported")
+    results = {}
+    for name, extra in {
+        "ckpt": ["--checkpoint", str(run_dir / "last.pth.tar")],
+        "plain": [
+            "--checkpoint",
+            str(plain),
+            "--model",
+            "test_resnet",
+            "--img-size",
+            "32",
+            "--crop-pct",
+            "1.0",
+        ],
+        "local-dir": ["--checkpoint", str(exported)],
+    }.items():
+        assert (
+            evaluate.main([*extra, "--data-dir", str(data), "--output", str(tmp_path / name), "-j", "0"]) == 0
+        )
+        results[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    for key in ("top1_err", "nll", "ece", "recall_at_1"):
+        assert results["plain"][key] == pytest.approx(results["ckpt"][key], rel=1e-6)
+        assert results["local-dir"][key] == pytest.approx(results["ckpt"][key], rel=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one(trained, tmp_path):
+    data, run_dir, _ = trained
+    common = [
+        "--checkpoint",
+        str(run_dir / "last.pth.tar"),
+        "--data-dir",
+        str(data),
+        "-j",
+        "0",
+        "--save-predictions",
+    ]
+    assert evaluate.main([*common, "--output", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "timm_cskd.evaluate", *common, "--output", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+    p1, p2 = np.load(tmp_path / "one" / "predictions.npz"), np.load(tmp_path / "two" / "predictions.npz")
+    np.testing.assert_array_equal(p1["labels"], p2["labels"])
+    np.testing.assert_allclose(p1["probs"], p2["probs"], rtol=1e-5, atol=1e-7)
+
+
+def test_compare_table_and_overlay(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    for name, extra in (("a", []), ("b", ["--ema"])):
+        evaluate.main(["--checkpoint", str(run_dir / "last.pth.tar"), "--data-dir", str(data), *extra,
+                       "--output", str(tmp_path / name), "-j", "0"])  # fmt: skip
+    capsys.readouterr()
+    png = tmp_path / "overlay.png"
+    assert (
+        compare.main(
+            [str(tmp_path / "a"), str(tmp_path / "b"), "--names", "CE", "CS-KD", "--output", str(png)]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    metrics_a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert "| Method | Top-1 err (%) ↓ |" in table
+    assert f"| CE | {metrics_a['top1_err']:.2f} |" in table
+    assert "| CS-KD |" in table
+    with Image.open(png) as img:
+        assert img.size[0] > 100
+    assert compare.main([str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_export_round_trip_into_timm(tmp_path, name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7).eval()
+    classes = [f"n0{i}" for i in range(7)]
+    data_config = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
+                   "std": (0.25, 0.25, 0.25), "crop_pct": 0.875}  # fmt: skip
+    ckpt = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "arch": name, "num_classes": 7, "class_names": classes,
+                "data_config": data_config, "global_step": 1, "args": {"model": name, "cskd_mode": "anchor"}}, ckpt)  # fmt: skip
+    out = export.export(ckpt, tmp_path / "exported")
+
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_classes"] == 7 and config["architecture"] == name
+    assert config["label_names"] == classes
+    cfg = config["pretrained_cfg"]
+    assert tuple(cfg["input_size"]) == (3, 64, 64) and cfg["crop_pct"] == 0.875
+    assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and tuple(cfg["std"]) == (0.25, 0.25, 0.25)
+    assert loaded.pretrained_cfg["label_names"] == classes
+    assert "anchor" in (out / "README.md").read_text()
+
+
+def test_export_errors_are_clear(tmp_path, capsys, monkeypatch):
+    truncated = tmp_path / "broken.pth.tar"
+    model = timm.create_model("resnet18", num_classes=3)
+    torch.save({"state_dict": model.state_dict(), "arch": "resnet18", "global_step": 1}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": [1, 2, 3]}, foreign)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"state_dict": model.state_dict(), "arch": "resnet34"}, wrong)
+    for path, message in ((truncated, "not a readable PyTorch checkpoint"), (foreign, "neither a training checkpoint"),
+                          (wrong, "does not fit resnet34"), (tmp_path / "nope.pth", "not found")):  # fmt: skip
+        assert export.main(["--checkpoint", str(path), "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+        assert "Traceback" not in err
+
+    good = tmp_path / "good.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "arch": "resnet18", "num_classes": 3}, good)
+    for variable in export.TOKEN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    assert (
+        export.main(["--checkpoint", str(good), "--output", str(tmp_path / "o"), "--push-to-hub", "me/m"])
+        == 2
+    )
+    assert "needs a Hugging Face token: set HF_TOKEN" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists(), "nothing is exported before the token check"
+    assert evaluate.main(["--checkpoint", str(truncated), "--data-dir", str(tmp_path)]) == 2
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err

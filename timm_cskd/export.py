@@ -1,0 +1,171 @@
+"""Export a checkpoint as a folder that ``timm.create_model('local-dir:DIR')`` and the Hugging Face hub load.
+
+    python -m timm_cskd.export --checkpoint output/run/model_best.pth.tar --output exported/resnet50-cskd
+    python -m timm_cskd.export --checkpoint ... --output DIR --push-to-hub my-org/resnet50-cskd
+
+The folder holds exactly one weights file (``model.safetensors``: timm up to 1.0.28 preferred a ``.bin``
+beside it), ``config.json`` written by timm's ``save_for_hf`` with the preprocessing the model was
+trained for and its label names, and a model card ``README.md`` with the recipe and measured metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from timm.data import resolve_data_config
+from timm.models import save_for_hf
+
+from timm_cskd.checkpoint import CheckpointError, LoadedModel, load_model
+
+__all__ = ["export", "main"]
+
+WEIGHTS = "model.safetensors"
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def _latest_metrics(checkpoint: Path, metrics_file: str | None) -> dict | None:
+    """Metrics for the card: an evaluate metrics.json if given, else the training run's last summary row."""
+    if metrics_file is not None:
+        return json.loads(Path(metrics_file).read_text())
+    summary = checkpoint.parent / "summary.csv"
+    if checkpoint.is_file() and summary.is_file():
+        with open(summary, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            last = rows[-1]
+            return {k.removeprefix("eval_"): float(v) for k, v in last.items() if k.startswith("eval_") and v}
+    return None
+
+
+def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool) -> str:
+    args = loaded.train_args or {}
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags:",
+        "- image-classification",
+        "- timm",
+        "- cs-kd",
+        "license: apache-2.0",
+        "---",
+        f"# {name}",
+        "",
+        f"A `{args.get('model', loaded.model.default_cfg.get('architecture'))}` trained with "
+        "[timm-cskd](https://arxiv.org/abs/2003.13964): Class-wise Self-Knowledge Distillation "
+        "(Yun et al., CVPR 2020)" + (", exponential moving average weights." if ema else "."),
+        "",
+        "```python",
+        "import timm",
+        f"model = timm.create_model('hf-hub:ORG/{name}', pretrained=True)  # or 'local-dir:PATH'",
+        "```",
+    ]
+    if args:
+        recipe = [
+            ("CS-KD mode", args.get("cskd_mode")),
+            ("temperature / lambda", f"{args.get('cskd_temperature')} / {args.get('cskd_lambda')}"),
+            ("epochs", args.get("epochs")),
+            ("images per step", f"{args.get('batch_size')} per process"),
+            ("optimizer", f"{args.get('opt')}, lr {args.get('lr')}, momentum {args.get('momentum')}, weight decay {args.get('weight_decay')}"),
+            ("schedule", f"{args.get('sched')}, milestones {args.get('decay_milestones')}, rate {args.get('decay_rate')}"),
+            ("augmentation", f"random-resized-crop {args.get('img_size')} scale {args.get('scale')}, hflip {args.get('hflip')}, mixup {args.get('mixup')}, cutmix {args.get('cutmix')}, smoothing {args.get('smoothing')}"),
+            ("precision", f"AMP {args.get('amp_dtype')}" if args.get("amp") else "float32"),
+        ]  # fmt: skip
+        lines += ["", "## Training recipe", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in recipe]
+    if metrics:
+        names = [
+            ("top1_err", "top-1 error (%)"),
+            ("top5_err", "top-5 error (%)"),
+            ("ece", "ECE, 20 bins (%)"),
+            ("nll", "NLL"),
+            ("brier", "Brier"),
+            ("recall_at_1", "recall@1 (%)"),
+            ("num_samples", "validation images"),
+        ]
+        lines += ["", "## Measured metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {label} | {metrics[key]:.4g} |" for key, label in names if key in metrics]
+    return "\n".join(lines) + "\n"
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    ema: bool = False,
+    model_name: str | None = None,
+    metrics_file: str | None = None,
+) -> Path:
+    loaded = load_model(checkpoint, model_name, ema=ema)
+    model = loaded.model.eval()
+    data_config = resolve_data_config(loaded.data_config or {}, model=model)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("pytorch_model.bin", WEIGHTS, "open_clip_pytorch_model.bin"):
+        (out / stale).unlink(missing_ok=True)
+    model_config = {"label_names": list(loaded.class_names)} if loaded.class_names else None
+    save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
+    metrics = _latest_metrics(Path(checkpoint), metrics_file)
+    (out / "README.md").write_text(model_card(loaded, out.name, metrics, ema), encoding="utf-8")
+    return out
+
+
+def hub_token() -> str:
+    token = next((os.environ[v] for v in TOKEN_VARIABLES if os.environ.get(v)), None)
+    if token is None:
+        raise CheckpointError(
+            f"--push-to-hub needs a Hugging Face token: set {TOKEN_VARIABLES[0]} (a write token from your hub settings)"
+        )
+    return token
+
+
+def push_folder(folder: Path, repo_id: str, token: str) -> str:
+    """Upload the exported folder as it is. timm's push_to_hf_hub would re-save into a temporary folder
+    and write its own card, so the folder we tested locally would not be what lands on the hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token, library_name="timm-cskd")
+    repo = api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message="Add timm-cskd model")
+    return repo.repo_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m timm_cskd.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="training .pth.tar or plain state_dict")
+    parser.add_argument("--output", required=True, help="folder to write")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights")
+    parser.add_argument("--model", default=None, help="timm model name (needed for a plain state_dict)")
+    parser.add_argument(
+        "--metrics", default=None, help="metrics.json from timm_cskd.evaluate for the model card"
+    )
+    parser.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="also upload the folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        token = hub_token() if args.push_to_hub else None
+        out = export(
+            args.checkpoint, args.output, ema=args.ema, model_name=args.model, metrics_file=args.metrics
+        )
+        print(f"exported to {out}: load with timm.create_model('local-dir:{out}', pretrained=True)")
+        if args.push_to_hub:
+            print(f"uploaded to https://huggingface.co/{push_folder(out, args.push_to_hub, token)}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
