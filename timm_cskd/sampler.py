@@ -109,6 +109,11 @@ class ClassPairSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return self._num_batches
 
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already yielded, or restored by load_state_dict."""
+        return 0 if self._finished else self._position
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self._position, self._finished = 0, False

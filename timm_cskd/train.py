@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import logging
 import os
 import random
@@ -26,11 +27,13 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn, update_summary
 from timm.utils.model import unwrap_model
+from torch.utils.data import DataLoader
 
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import ConfigError, dump_args, parse_args
 from timm_cskd.data.index import DataIndexError, build_index
 from timm_cskd.data.loader import build_transforms, create_train_loader, create_val_loader, seed_loader
+from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
 from timm_cskd.task import CSKDTask
@@ -137,16 +140,10 @@ def load_indices(args, ctx: Context, out_dir: Path):
         indices = build()
     train, val = indices
     if args.exclude_list:
-        with open(args.exclude_list, encoding="utf-8") as f:
-            bad = {line.strip() for line in f if line.strip() and not line.startswith("#")}
-        train = train.without(bad)
-        val = val.without(bad) if val is not None else None
-        if train.excluded:
-            _logger.info(
-                "excluding %d undecodable training images listed in %s",
-                len(train.excluded),
-                args.exclude_list,
-            )
+        listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
+        train, val = (None if index is None else index.without_files(listed) for index in (train, val))
+        excluded = len(train.excluded) + (len(val.excluded) if val is not None else 0)
+        _logger.info("excluding %d undecodable images listed in %s", excluded, args.exclude_list)
     return data_dir, train, val
 
 
@@ -172,7 +169,7 @@ def validate_args(args) -> None:
     if args.plain_sampler and args.cskd_mode != "off":
         raise ConfigError("--plain-sampler gives no class pairs: use it with --cskd-mode off")
     if args.data_backend == "dali":
-        from timm_cskd.data import dali  # noqa: F401  (raises with install instructions when missing)
+        importlib.import_module("timm_cskd.data.dali")  # raises with install instructions when missing
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
 
@@ -451,7 +448,7 @@ class Trainer:
         """One epoch from the current position; returns its mean loss terms, or None when stopped."""
         args, ctx, state = self.args, self.ctx, self.state
         self.sampler.set_epoch(epoch)
-        if hasattr(self.train_loader, "generator") and self.train_loader.generator is not None:
+        if isinstance(self.train_loader, DataLoader):
             seed_loader(self.train_loader, args.seed, epoch, ctx.rank)
         self.task.train()
         sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=ctx.device)

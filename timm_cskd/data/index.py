@@ -54,6 +54,12 @@ class ImageIndex:
     def full_path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
 
+    def without_files(self, files) -> ImageIndex:
+        """This index minus the given files (absolute, or relative to the working directory)."""
+        root = os.path.abspath(self.root)
+        relative = {os.path.relpath(os.path.abspath(f), root) for f in files}
+        return self.without({p for p in relative if not p.startswith("..")})
+
     def without(self, bad_paths: set[str]) -> ImageIndex:
         """This index minus the given root-relative paths (e.g. the verify tool's undecodable files)."""
         keep = [i for i, p in enumerate(self.paths) if p not in bad_paths]
