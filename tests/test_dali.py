@@ -96,6 +96,22 @@ def test_batches_follow_the_plan_on_two_ranks(coded_folder, mode):
     assert len(anchors) == len(set(anchors)), "the two ranks' anchors overlap"
 
 
+def test_labels_equal_the_torch_backend(coded_folder):
+    from timm_cskd.data.loader import build_transforms, create_train_loader
+
+    index = build_index(coded_folder)
+    args = dali_args("anchor", 3, workers=0)
+    train_tf, _ = build_transforms(args, DATA_CONFIG)
+    torch_loader = create_train_loader(index, train_tf, args, num_replicas=1, rank=0, pin_memory=False)
+    dali_loader, _ = dali.create_dali_loaders(dali_args("anchor", 3), index, None, DATA_CONFIG, Context(CPU))
+    for epoch in (0, 4):
+        torch_loader.batch_sampler.set_epoch(epoch)
+        dali_loader.batch_sampler.set_epoch(epoch)
+        torch_labels = [labels.tolist() for _, labels in torch_loader]
+        dali_labels = [labels.tolist() for _, labels in dali_loader]
+        assert torch_labels == dali_labels
+
+
 def test_resume_mid_epoch_starts_at_the_saved_batch(coded_folder):
     index = build_index(coded_folder)
     train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU))
