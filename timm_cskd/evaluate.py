@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 
 from timm_cskd.checkpoint import CheckpointError, load_model
-from timm_cskd.data.index import DataIndexError, build_index
-from timm_cskd.data.loader import create_val_loader
+from timm_cskd.data.index import VAL_SPLITS, DataIndexError, build_index, find_split
+from timm_cskd.data.loader import build_val_transform, create_val_loader
 from timm_cskd.distributed import setup_context
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
 from timm_cskd.reliability import bins_to_dict, plot_reliability
@@ -146,15 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_source(data_dir: Path, split: str) -> Path:
-    for candidate in (data_dir / split, data_dir / f"{split}.txt"):
-        if candidate.exists():
-            return candidate
-    if split == "val" and (data_dir / "validation").exists():
-        return data_dir / "validation"
-    raise DataIndexError(f"no '{split}' folder or list file in {data_dir}")
-
-
 def _default_output(checkpoint: Path, split: str) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent) / f"eval-{split}"
 
@@ -173,20 +164,15 @@ def run(args) -> dict:
     saved.update({k: v for k, v in overrides.items() if v is not None})
     # A plain state_dict carries no preprocessing: the model's pretrained_cfg fills what flags leave open.
     data_config = resolve_data_config(saved, model=model)
-    source = _split_source(Path(args.data_dir), args.split)
+    source = find_split(args.data_dir, VAL_SPLITS if args.split == "val" else [args.split])
+    if source is None:
+        raise DataIndexError(f"no '{args.split}' folder or list file in {args.data_dir}")
     index = build_index(source, classes=loaded.class_names if source.is_dir() else None)
     if index.num_classes != model.num_classes:
         raise DataIndexError(
             f"{source} has {index.num_classes} classes, the model predicts {model.num_classes}"
         )
-    transform = create_transform(
-        input_size=data_config["input_size"],
-        is_training=False,
-        interpolation=data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
-        crop_pct=data_config["crop_pct"],
-    )
+    transform = build_val_transform(data_config)
     loader = create_val_loader(
         index,
         transform,

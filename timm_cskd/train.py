@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import ConfigError, dump_args, parse_args
-from timm_cskd.data.index import DataIndexError, build_index
+from timm_cskd.data.index import VAL_SPLITS, DataIndexError, build_index, find_split
 from timm_cskd.data.loader import build_transforms, create_train_loader, create_val_loader, seed_loader
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context, setup_context
@@ -104,24 +104,15 @@ def resolve_data_dir(args, ctx: Context) -> Path:
     return demo_data_dir()
 
 
-def _split_path(data_dir: Path, names: list[str]) -> Path | None:
-    for name in names:
-        for candidate in (data_dir / name, data_dir / f"{name}.txt"):
-            if candidate.exists():
-                return candidate
-    return None
-
-
 def load_indices(args, ctx: Context, out_dir: Path):
     """Train/val indices. Rank 0 scans (and caches) first, then the other ranks read its cache."""
     data_dir = resolve_data_dir(args, ctx)
     if not data_dir.is_dir():
         raise DataIndexError(f"--data-dir {data_dir} does not exist or is not a folder")
-    train_path = _split_path(data_dir, [args.train_split])
+    train_path = find_split(data_dir, [args.train_split])
     if train_path is None:
         raise DataIndexError(f"no '{args.train_split}' folder or list file in {data_dir}")
-    val_names = [args.val_split] if args.val_split else ["val", "validation"]
-    val_path = _split_path(data_dir, val_names)
+    val_path = find_split(data_dir, [args.val_split] if args.val_split else VAL_SPLITS)
     cache_dir = out_dir / "index-cache"
 
     def build():

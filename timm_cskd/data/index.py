@@ -24,12 +24,15 @@ __all__ = [
     "scan_image_folder",
     "read_list_file",
     "build_index",
+    "find_split",
+    "VAL_SPLITS",
 ]
 
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CACHE_VERSION = 1
+VAL_SPLITS = ["val", "validation"]
 
 
 class DataIndexError(ValueError):
@@ -189,6 +192,15 @@ def _save_cache(path: Path, index: ImageIndex, mtimes: dict[str, int]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f)
     os.replace(tmp, path)
+
+
+def find_split(data_dir: str | os.PathLike, names: list[str]) -> Path | None:
+    """The first of ``data_dir/<name>`` (folder) or ``data_dir/<name>.txt`` (list file) that exists."""
+    for name in names:
+        for candidate in (Path(data_dir) / name, Path(data_dir) / f"{name}.txt"):
+            if candidate.exists():
+                return candidate
+    return None
 
 
 def build_index(

@@ -23,6 +23,7 @@ __all__ = [
     "ImageIndexDataset",
     "ResumableBatchSampler",
     "build_transforms",
+    "build_val_transform",
     "create_train_loader",
     "create_val_loader",
     "seed_loader",
@@ -133,7 +134,12 @@ def build_transforms(args, data_config: dict):
         mean=data_config["mean"],
         std=data_config["std"],
     )
-    val = create_transform(
+    return train, build_val_transform(data_config)
+
+
+def build_val_transform(data_config: dict):
+    """Resize by ``crop_pct`` then centre-crop, as timm validates."""
+    return create_transform(
         input_size=data_config["input_size"],
         is_training=False,
         interpolation=data_config["interpolation"],
@@ -141,7 +147,6 @@ def build_transforms(args, data_config: dict):
         std=data_config["std"],
         crop_pct=data_config["crop_pct"],
     )
-    return train, val
 
 
 def seed_loader(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
