@@ -126,7 +126,8 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
-EXACT = ["--mixup", "0.4", "--epochs", "2", "--checkpoint-interval", "2"]
+# Loader workers included: augmentation seeds come from the plan position, not a worker's RNG stream.
+EXACT = ["--mixup", "0.4", "--epochs", "2", "--checkpoint-interval", "2", "-j", "2"]
 
 
 @pytest.fixture(scope="module")

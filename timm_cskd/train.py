@@ -27,12 +27,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn, update_summary
 from timm.utils.model import unwrap_model
-from torch.utils.data import DataLoader
 
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import ConfigError, dump_args, parse_args
 from timm_cskd.data.index import VAL_SPLITS, DataIndexError, build_index, find_split
-from timm_cskd.data.loader import build_transforms, create_train_loader, create_val_loader, seed_loader
+from timm_cskd.data.loader import build_transforms, create_train_loader, create_val_loader
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
@@ -439,8 +438,6 @@ class Trainer:
         """One epoch from the current position; returns its mean loss terms, or None when stopped."""
         args, ctx, state = self.args, self.ctx, self.state
         self.sampler.set_epoch(epoch)
-        if isinstance(self.train_loader, DataLoader):
-            seed_loader(self.train_loader, args.seed, epoch, ctx.rank)
         self.task.train()
         sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=ctx.device)
         window_start, window_steps = time.perf_counter(), 0

@@ -7,8 +7,10 @@ without padding, so every image counts exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import random
 
 import numpy as np
 import torch
@@ -22,11 +24,11 @@ from timm_cskd.sampler import ClassPairSampler
 __all__ = [
     "ImageIndexDataset",
     "ResumableBatchSampler",
+    "SeededBatches",
     "build_transforms",
     "build_val_transform",
     "create_train_loader",
     "create_val_loader",
-    "seed_loader",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -63,7 +65,9 @@ class ImageIndexDataset(Dataset):
                 return int(j)
         raise RuntimeError(f"no image of class {self.index.classes[label]!r} can be decoded")
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """``item`` is an index, or ``(index, seed)`` from SeededBatches for a reproducible augmentation."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         target = int(self.index.labels[i])
         while True:
             try:
@@ -78,8 +82,58 @@ class ImageIndexDataset(Dataset):
                     )
                 i = self._replacement(i)
         if self.transform is not None:
-            img = self.transform(img)
+            with _seeded(seed):
+                img = self.transform(img)
         return img, target
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Run timm's transforms (python ``random`` and torch's CPU RNG) from ``seed``, leaving both as they were."""
+    if seed is None:
+        yield
+        return
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class SeededBatches(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """Pairs each index of a batch sampler with an augmentation seed drawn from (seed, rank, epoch,
+    batch, slot), so a sample's crop and flip depend neither on the number of loader workers nor on
+    where a run was resumed: a resumed epoch replays the exact images of an uninterrupted one."""
+
+    def __init__(self, batch_sampler, seed: int, rank: int):
+        self.batch_sampler, self.seed, self.rank = batch_sampler, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict:
+        return self.batch_sampler.state_dict(batches_consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+    def __iter__(self):
+        epoch, start = self.batch_sampler.epoch, self.batch_sampler.position
+        for b, batch in enumerate(self.batch_sampler, start):
+            base = int(
+                np.random.SeedSequence([self.seed, self.rank, epoch, b]).generate_state(1, np.uint32)[0]
+            )
+            yield [(i, base * 4096 + j) for j, i in enumerate(batch)]
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -99,6 +153,14 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
 
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def position(self) -> int:
+        return self._position
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.sampler.epoch:
             self._position = 0
@@ -116,9 +178,10 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self):
         indices = list(self.sampler)
-        start, self._position = self._position, 0
-        for b in range(start, len(self)):
+        for b in range(self._position, len(self)):
+            self._position = b + 1
             yield indices[b * self.batch_size : (b + 1) * self.batch_size]
+        self._position = 0
 
 
 def build_transforms(args, data_config: dict):
@@ -149,11 +212,6 @@ def build_val_transform(data_config: dict):
     )
 
 
-def seed_loader(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
-    """Worker seeds become a function of (seed, epoch, rank) instead of the global RNG's position."""
-    loader.generator.manual_seed(int(np.random.default_rng([seed, epoch, rank]).integers(2**62)))
-
-
 def create_train_loader(
     index: ImageIndex, transform, args, *, num_replicas: int, rank: int, pin_memory: bool
 ):
@@ -173,9 +231,10 @@ def create_train_loader(
         )
     return DataLoader(
         dataset,
-        batch_sampler=batch_sampler,
+        batch_sampler=SeededBatches(batch_sampler, args.seed, rank),
         num_workers=args.workers,
         pin_memory=pin_memory,
+        # Its own generator: creating an epoch's iterator must not consume the global RNG (exact resume).
         generator=torch.Generator(),
         persistent_workers=False,
     )
