@@ -243,3 +243,13 @@ def test_class_with_a_single_image_trains(tmp_path):
 def test_demo_defaults_resolve_to_demo_config():
     args = parse_args([], default_config=REPO / "configs" / "demo.yaml")
     assert args.data_dir is None and args.model == "resnet18" and args.config.endswith("demo.yaml")
+
+
+def test_resume_with_other_settings_is_a_clear_error(data_dir, tmp_path, capsys):
+    run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "1")))
+    capsys.readouterr()
+    assert main(tiny_args(data_dir, tmp_path, "--epochs", "2", "-b", "4", "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "cannot continue with these settings" in err and "batch_size" in err
+    assert main(tiny_args(data_dir, tmp_path, "--resume", str(tmp_path / "nope.pth.tar"))) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

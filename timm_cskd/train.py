@@ -134,7 +134,7 @@ def load_indices(args, ctx: Context, out_dir: Path):
         train, val = (None if index is None else index.without_files(listed) for index in (train, val))
         excluded = len(train.excluded) + (len(val.excluded) if val is not None else 0)
         _logger.info("excluding %d undecodable images listed in %s", excluded, args.exclude_list)
-    return data_dir, train, val
+    return train, val
 
 
 def create_model(args, num_classes: int) -> torch.nn.Module:
@@ -215,11 +215,11 @@ class Trainer:
         np.random.seed(args.seed + ctx.rank)  # noqa: NPY002 - timm's Mixup uses the global RNG
         torch.manual_seed(args.seed + ctx.rank)
 
-        self.data_dir, self.train_index, self.val_index = load_indices(args, ctx, self.out_dir)
+        self.train_index, self.val_index = load_indices(args, ctx, self.out_dir)
         num_classes = self.train_index.num_classes
         if args.num_classes is None:
             args.num_classes = num_classes
-        self.model = model = create_model(args, num_classes)
+        model = create_model(args, num_classes)
         self.data_config = resolve_data_config(
             {
                 "input_size": (args.in_chans, args.img_size, args.img_size),
@@ -261,9 +261,8 @@ class Trainer:
                 )
         self.sampler = self.train_loader.batch_sampler
 
-        self.global_batch = args.batch_size * ctx.world_size
         if args.lr is None:
-            args.lr = args.lr_base * self.global_batch / 256
+            args.lr = args.lr_base * args.batch_size * ctx.world_size / 256
         self.optimizer = create_optimizer_v2(
             model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
         )
@@ -386,7 +385,14 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "amp_scaler" in state:
             self.scaler.load_state_dict(state["amp_scaler"])
-        self.sampler.load_state_dict(state["sampler"])
+        if len(state["rng"]) != self.ctx.world_size:
+            raise ckpt.CheckpointError(
+                f"{path} was saved by {len(state['rng'])} rank(s); resume it with the same number of processes"
+            )
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{path} cannot continue with these settings: {e}") from e
         self.state = TrainState(
             epoch=state["resume_epoch"],
             batch_in_epoch=state["resume_batch"],
@@ -395,10 +401,6 @@ class Trainer:
             best_epoch=state["best_epoch"],
             epoch_sums=list(state["epoch_sums"]),
         )
-        if len(state["rng"]) != self.ctx.world_size:
-            raise ckpt.CheckpointError(
-                f"{path} was saved by {len(state['rng'])} rank(s); resume it with the same number of processes"
-            )
         ckpt.set_rng_state(state["rng"][self.ctx.rank])
         _logger.info(
             "resumed from %s at epoch %d, batch %d (step %d)",
