@@ -253,3 +253,12 @@ def test_resume_with_other_settings_is_a_clear_error(data_dir, tmp_path, capsys)
     assert "cannot continue with these settings" in err and "batch_size" in err
     assert main(tiny_args(data_dir, tmp_path, "--resume", str(tmp_path / "nope.pth.tar"))) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchcompile_trains_and_saves_plain_keys(data_dir, tmp_path):
+    metrics = run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "1", "--torchcompile", "--model-ema")))
+    assert metrics["num_samples"] == 20
+    checkpoint = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["state_dict"])
+    assert checkpoint["state_dict"].keys() == checkpoint["state_dict_ema"].keys()
