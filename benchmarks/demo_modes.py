@@ -39,7 +39,7 @@ def main():
         run(parse_args([
             "-c", str(REPO / "configs" / "demo.yaml"), "--data-dir", str(data), "--cskd-mode", mode,
             "--epochs", str(args.epochs), "--seed", str(args.seed), "--output", str(out), "--experiment", mode,
-            "--log-interval", "1000",
+            "--log-interval", "1000", "--overwrite",
         ]))  # fmt: skip
         print(f"{name}: trained in {time.perf_counter() - start:.0f} s")
         eval_dir = out / mode / "eval-val"

@@ -181,6 +181,17 @@ def test_truncated_checkpoint_is_skipped_with_warning(data_dir, tmp_path, capsys
     assert previous["resume_epoch"] == 1
 
 
+def test_existing_run_is_never_overwritten_by_accident(data_dir, tmp_path, capsys):
+    run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "1")))
+    before = (tmp_path / "run" / "last.pth.tar").read_bytes()
+    capsys.readouterr()
+    assert main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 2
+    assert "already holds a training run: pass --resume auto" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.pth.tar").read_bytes() == before
+    run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "2", "--overwrite")))
+    assert [row["epoch"] for row in summary(tmp_path)] == ["0", "1"], "the old summary rows were not removed"
+
+
 def test_yaml_config_with_flag_override_and_typo(tmp_path, data_dir):
     config = tmp_path / "c.yaml"
     config.write_text("model: test_resnet\nepochs: 7\nbatch-size: 4\ndecay_milestones: [3, 5]\n")

@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also save every N optimizer steps (0: epoch ends only)",
     )
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an experiment folder that holds a run (deletes its checkpoints and summary)",
+    )
     out.add_argument("--log-interval", type=int, default=50, help="steps between progress lines")
     return parser
 

@@ -86,6 +86,18 @@ def experiment_dir(args, ctx: Context) -> Path:
         name = name[0]
         args.experiment = name
     folder = Path(args.output) / name
+    previous = [
+        folder / f for f in (ckpt.LAST, ckpt.PREVIOUS, ckpt.BEST, "summary.csv") if (folder / f).exists()
+    ]
+    if previous and not args.resume:
+        if not args.overwrite:
+            raise ConfigError(
+                f"{folder} already holds a training run: pass --resume auto to continue it, --overwrite to "
+                "start it over (its checkpoints and summary are deleted), or another --experiment"
+            )
+        if ctx.primary:
+            for path in previous:
+                path.unlink()
     if ctx.primary:
         folder.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
