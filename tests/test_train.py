@@ -273,3 +273,14 @@ def test_torchcompile_trains_and_saves_plain_keys(data_dir, tmp_path):
     checkpoint = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["state_dict"])
     assert checkpoint["state_dict"].keys() == checkpoint["state_dict_ema"].keys()
+
+
+def test_trains_from_list_files(data_dir, tmp_path):
+    root = tmp_path / "lists"
+    root.mkdir()
+    for split in ("train", "val"):
+        # Absolute paths: a list file's paths may point anywhere (relative ones start at its folder).
+        lines = [f"{p} {int(p.parent.name[-3:])}" for p in sorted((data_dir / split).glob("*/*.jpg"))]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    metrics = run(parse_args(tiny_args(root, tmp_path, "--epochs", "1")))
+    assert metrics["num_samples"] == 20
