@@ -176,6 +176,7 @@ def test_export_round_trip_into_timm(tmp_path, name):
     assert tuple(cfg["input_size"]) == (3, 64, 64) and cfg["crop_pct"] == 0.875
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and tuple(cfg["std"]) == (0.25, 0.25, 0.25)
     assert loaded.pretrained_cfg["label_names"] == classes
+    assert cfg["tag"] == "cskd", "the architecture's default weight tag must not describe our weights"
     assert "anchor" in (out / "README.md").read_text()
 
 

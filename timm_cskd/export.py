@@ -71,7 +71,7 @@ def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool) 
             ("epochs", args.get("epochs")),
             ("images per step", f"{args.get('batch_size')} per process"),
             ("optimizer", f"{args.get('opt')}, lr {args.get('lr')}, momentum {args.get('momentum')}, weight decay {args.get('weight_decay')}"),
-            ("schedule", f"{args.get('sched')}, milestones {args.get('decay_milestones')}, rate {args.get('decay_rate')}"),
+            ("schedule", f"{args.get('sched')}" + (f", /{1 / args['decay_rate']:g} at epochs {args.get('decay_milestones')}" if args.get("sched") == "multistep" else "")),
             ("augmentation", f"random-resized-crop {args.get('img_size')} scale {args.get('scale')}, hflip {args.get('hflip')}, mixup {args.get('mixup')}, cutmix {args.get('cutmix')}, smoothing {args.get('smoothing')}"),
             ("precision", f"AMP {args.get('amp_dtype')}" if args.get("amp") else "float32"),
         ]  # fmt: skip
@@ -107,7 +107,10 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("pytorch_model.bin", WEIGHTS, "open_clip_pytorch_model.bin"):
         (out / stale).unlink(missing_ok=True)
-    model_config = {"label_names": list(loaded.class_names)} if loaded.class_names else None
+    # The architecture's default pretrained_cfg names its own weights (tag, paper): these are ours.
+    model_config = {"pretrained_cfg": {"tag": "cskd", "paper_ids": "arXiv:2003.13964"}}
+    if loaded.class_names:
+        model_config["label_names"] = list(loaded.class_names)
     save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
     metrics = _latest_metrics(Path(checkpoint), metrics_file)
     (out / "README.md").write_text(model_card(loaded, out.name, metrics, ema), encoding="utf-8")
