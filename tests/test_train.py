@@ -213,6 +213,7 @@ def test_shipped_configs_parse_to_the_paper_recipe():
             assert (args.epochs, args.opt, args.momentum, args.weight_decay) == (90, "momentum", 0.9, 1e-4)
             assert (args.sched, args.decay_milestones, args.decay_rate) == ("multistep", [30, 60], 0.1)
             assert args.lr_base == 0.1 and args.img_size == 224 and tuple(args.scale) == (0.08, 1.0)
+            assert args.weight_decay_bias_bn, "the paper's code decays every parameter"
             assert args.amp and args.amp_dtype == "bfloat16" and args.channels_last
             assert args.batch_size * 8 == 256, (
                 "8 GPUs x batch = the paper's 256 images with gradient per step"
@@ -284,3 +285,18 @@ def test_trains_from_list_files(data_dir, tmp_path):
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
     metrics = run(parse_args(tiny_args(root, tmp_path, "--epochs", "1")))
     assert metrics["num_samples"] == 20
+
+
+@pytest.mark.parametrize("flag", ["--weight-decay-bias-bn", "--no-weight-decay-bias-bn"])
+def test_weight_decay_reaches_bias_and_bn_only_when_asked(data_dir, tmp_path, flag):
+    from timm_cskd.train import Trainer
+
+    trainer = Trainer(parse_args(tiny_args(data_dir, tmp_path, flag)))
+    groups = trainer.optimizer.param_groups
+    decayed = sum(p.numel() for g in groups if g["weight_decay"] > 0 for p in g["params"])
+    total = sum(p.numel() for p in trainer.task.get_trainable_module().parameters())
+    trainer.close()
+    if flag == "--weight-decay-bias-bn":
+        assert decayed == total
+    else:
+        assert 0 < decayed < total

@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("--momentum", type=float, default=0.9)
     opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument(
+        "--weight-decay-bias-bn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also decay biases and norm weights (the paper's code does; timm skips them)",
+    )
     opt.add_argument("--sched", default="multistep", help="timm scheduler name")
     opt.add_argument("--decay-milestones", type=_int_list, default=[30, 60], help="epochs of multistep decay")
     opt.add_argument("--decay-rate", type=float, default=0.1)

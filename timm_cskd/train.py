@@ -276,7 +276,12 @@ class Trainer:
         if args.lr is None:
             args.lr = args.lr_base * args.batch_size * ctx.world_size / 256
         self.optimizer = create_optimizer_v2(
-            model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+            model,
+            opt=args.opt,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            filter_bias_and_bn=not args.weight_decay_bias_bn,
         )
         self.autocast = autocast_context(args, ctx.device)
         self.scaler = (
