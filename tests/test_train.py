@@ -300,3 +300,14 @@ def test_weight_decay_reaches_bias_and_bn_only_when_asked(data_dir, tmp_path, fl
         assert decayed == total
     else:
         assert 0 < decayed < total
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_amp_and_channels_last_train(data_dir, tmp_path, dtype):
+    extra = ["--epochs", "4", "--amp", "--amp-dtype", dtype, "--channels-last"]
+    run(parse_args(tiny_args(data_dir, tmp_path, *extra)))
+    rows = summary(tmp_path)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    checkpoint = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
+    assert ("amp_scaler" in checkpoint) == (dtype == "float16"), "a GradScaler only for float16"
+    assert all(t.dtype == torch.float32 for t in checkpoint["state_dict"].values() if t.is_floating_point())
