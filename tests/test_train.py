@@ -197,6 +197,11 @@ def test_yaml_config_with_flag_override_and_typo(tmp_path, data_dir):
     config.write_text("model: test_resnet\nepochs: 7\nbatch-size: 4\ndecay_milestones: [3, 5]\n")
     args = parse_args(["-c", str(config), "--epochs", "2", "--data-dir", str(data_dir)])
     assert (args.model, args.epochs, args.batch_size, args.decay_milestones) == ("test_resnet", 2, 4, [3, 5])
+    assert parse_args(["-c", str(config), "--decay-milestones", "10", "20", "25"]).decay_milestones == [
+        10,
+        20,
+        25,
+    ]
     config.write_text("modle: resnet50\n")
     with pytest.raises(ConfigError, match="unknown key 'modle'; did you mean 'model'"):
         parse_args(["-c", str(config)])

@@ -21,10 +21,6 @@ class ConfigError(ValueError):
     """A configuration file or flag combination that cannot run."""
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in str(text).replace(",", " ").split()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_imagenet.py",
@@ -142,7 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also decay biases and norm weights (the paper's code does; timm skips them)",
     )
     opt.add_argument("--sched", default="multistep", help="timm scheduler name")
-    opt.add_argument("--decay-milestones", type=_int_list, default=[30, 60], help="epochs of multistep decay")
+    opt.add_argument(
+        "--decay-milestones",
+        type=int,
+        nargs="+",
+        default=[30, 60],
+        help="epochs of multistep decay (timm's form)",
+    )
     opt.add_argument("--decay-rate", type=float, default=0.1)
     opt.add_argument("--warmup-epochs", type=int, default=0)
     opt.add_argument("--warmup-lr", type=float, default=1e-5)
