@@ -316,3 +316,21 @@ def test_amp_and_channels_last_train(data_dir, tmp_path, dtype):
     checkpoint = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
     assert ("amp_scaler" in checkpoint) == (dtype == "float16"), "a GradScaler only for float16"
     assert all(t.dtype == torch.float32 for t in checkpoint["state_dict"].values() if t.is_floating_point())
+
+
+def test_multistep_schedule_drops_tenfold_at_the_milestone_epochs(data_dir, tmp_path):
+    from timm_cskd.train import Trainer
+
+    args = tiny_args(
+        data_dir, tmp_path, "--sched", "multistep", "--decay-milestones", "1", "2", "--lr", "0.1"
+    )
+    trainer = Trainer(parse_args(args))
+    steps = trainer.updates_per_epoch
+    lrs = []
+    for update in range(3 * steps):
+        trainer.scheduler.step_update(num_updates=update)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.close()
+    # Per update, at the epoch boundaries; timm applies a milestone from the update before it (timm #2745).
+    expected = [0.1] * (steps - 1) + [0.01] * steps + [0.001] * (steps + 1)
+    assert lrs == pytest.approx(expected)
