@@ -77,18 +77,20 @@ def evaluate(
     num_bins: int = DEFAULT_ECE_BINS,
     collect: bool = False,
     save_probs: bool = False,
+    progress: bool = False,
 ) -> Evaluation:
     """Run ``model`` over ``loader`` (this rank's shard) and all-reduce the metric sums.
 
     ``collect`` also gathers penultimate pooled features and labels (for recall@k) in dataset order;
-    ``save_probs`` the softmax probabilities too.
+    ``save_probs`` the softmax probabilities too; ``progress`` logs every tenth of the batches.
     """
     meter = ClassificationMeter(num_bins=num_bins, device=device)
     features, probs, labels = [], [], []
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for images, target in loader:
+        report_every = max(len(loader) // 10, 1)
+        for step, (images, target) in enumerate(loader, 1):
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             if channels_last:
@@ -101,6 +103,8 @@ def evaluate(
                 labels.append(target)
                 if save_probs:
                     probs.append(torch.softmax(logits.float(), dim=1))
+            if progress and (step % report_every == 0 or step == len(loader)):
+                _logger.info("evaluated %d/%d batches", step, len(loader))
     model.train(was_training)
     meter.all_reduce()
     result = Evaluation(meter)
@@ -197,10 +201,13 @@ def run(args) -> dict:
         num_bins=args.ece_bins,
         collect=True,
         save_probs=args.save_predictions,
+        progress=ctx.primary,
     )
     metrics = result.meter.compute()
-    metrics["recall_at_1"] = recall_at_k(result.features, result.labels, k=1, chunk_size=args.recall_chunk)
     if ctx.primary:
+        metrics["recall_at_1"] = recall_at_k(
+            result.features, result.labels, k=1, chunk_size=args.recall_chunk
+        )
         out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split)
         out.mkdir(parents=True, exist_ok=True)
         metrics["checkpoint"] = loaded.source
