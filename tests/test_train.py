@@ -256,7 +256,6 @@ def test_class_with_a_single_image_trains(tmp_path):
     assert metrics["num_samples"] == 5
 
 
-@pytest.mark.slow
 def test_demo_defaults_resolve_to_demo_config():
     args = parse_args([], default_config=REPO / "configs" / "demo.yaml")
     assert args.data_dir is None and args.model == "resnet18" and args.config.endswith("demo.yaml")

@@ -53,8 +53,9 @@ class TrainState:
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
-    # Running sums of this epoch's loss terms (loss, ce, cls, count), so a resumed epoch reports them whole.
-    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    # Running sums of this epoch's loss terms (loss, ce, cls) over its batch_in_epoch batches, so a
+    # resumed epoch reports them whole.
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
 
 
 def setup_logging(ctx: Context, log_file: Path | None) -> None:
@@ -346,11 +347,10 @@ class Trainer:
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "metric": s.best_metric,
+            "metric": s.best_metric,  # timm's key: the best top-1 error so far
             "global_step": s.global_step,
             "resume_epoch": s.epoch,
             "resume_batch": s.batch_in_epoch,
-            "best_metric": s.best_metric,
             "best_epoch": s.best_epoch,
             "epoch_sums": list(s.epoch_sums),
             "sampler": self.sampler.state_dict(batches_consumed=s.batch_in_epoch),
@@ -414,7 +414,7 @@ class Trainer:
             epoch=state["resume_epoch"],
             batch_in_epoch=state["resume_batch"],
             global_step=state["global_step"],
-            best_metric=state["best_metric"],
+            best_metric=state["metric"],
             best_epoch=state["best_epoch"],
             epoch_sums=list(state["epoch_sums"]),
         )
@@ -451,7 +451,7 @@ class Trainer:
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), args.clip_grad)
             self.optimizer.step()
-        return torch.stack([loss.detach().float(), result["ce"].float(), result["cls"].float()])
+        return torch.stack([loss.detach(), result["ce"], result["cls"]]).double()
 
     def train_epoch(self, epoch: int, stop: _StopFlag) -> dict[str, float] | None:
         """One epoch from the current position; returns its mean loss terms, or None when stopped."""
@@ -461,11 +461,8 @@ class Trainer:
         sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=ctx.device)
         window_start, window_steps = time.perf_counter(), 0
         total_steps = args.epochs * self.updates_per_epoch
-        step_time = None
         for images, target in self.train_loader:
-            terms = self._train_step(images, target)
-            sums[:3] += terms.double()
-            sums[3] += 1
+            sums += self._train_step(images, target)
             state.batch_in_epoch += 1
             state.global_step += 1
             window_steps += 1
@@ -479,7 +476,7 @@ class Trainer:
             if at_log:
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / window_steps
-                self._log_progress(epoch, terms, step_time, total_steps)
+                self._log_progress(epoch, sums, step_time, total_steps)
                 window_start, window_steps = time.perf_counter(), 0
             # Ranks agree only where they sync anyway; a single process checks every step.
             if (at_log or at_checkpoint or not ctx.distributed) and stop.agreed(ctx):
@@ -494,15 +491,17 @@ class Trainer:
                 self.save()
         if ctx.distributed:
             dist.all_reduce(sums)
-        sums = sums.tolist()
-        count = max(sums[3], 1.0)
-        return {"loss": sums[0] / count, "ce": sums[1] / count, "cls": sums[2] / count}
+        # Batches in this epoch, resumed ones included: the sums span them all.
+        count = max(state.batch_in_epoch * ctx.world_size, 1)
+        loss, ce, cls = (v / count for v in sums.tolist())
+        return {"loss": loss, "ce": ce, "cls": cls}
 
-    def _log_progress(self, epoch, terms, step_time, total_steps):
+    def _log_progress(self, epoch, sums, step_time, total_steps):
+        """Rank 0's running means over the epoch so far (as timm's train.py shows averages)."""
         if not self.ctx.primary:
             return
         s = self.state
-        loss, ce, cls = terms.tolist()
+        loss, ce, cls = (v / s.batch_in_epoch for v in sums.tolist())
         lr = self.optimizer.param_groups[0]["lr"]
         rate = self.args.batch_size * self.ctx.world_size / step_time
         eta = (total_steps - s.global_step) * step_time
@@ -584,7 +583,7 @@ class Trainer:
                 metrics = self.validate()
                 lr = self.optimizer.param_groups[0]["lr"]
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
-                state.epoch_sums = [0.0, 0.0, 0.0, 0.0]
+                state.epoch_sums = [0.0, 0.0, 0.0]
                 is_best = bool(metrics) and (
                     state.best_metric is None or metrics["top1_err"] < state.best_metric
                 )
