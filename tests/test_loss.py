@@ -181,3 +181,55 @@ def test_invalid_input_gets_clear_error(kwargs, call, message):
     with pytest.raises(ValueError, match=message):
         loss = CSKDLoss(**kwargs)
         call(loss)
+
+
+def _scaler_scales(loss_fn, steps=6):
+    """GradScaler's scale after each fp16-autocast step of a small classifier trained with ``loss_fn``."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**13, growth_interval=1)
+    x, partner_x = torch.randn(2, 8, 16, generator=g)
+    y = torch.arange(8) % 10
+    scales = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(x)
+            with torch.no_grad():
+                partner = model(partner_x)
+            loss = loss_fn(logits, y, partner)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+def test_grad_scaler_grows_past_2_16_as_with_plain_cross_entropy():
+    fused = _scaler_scales(lambda z, y, p: CSKDLoss(4.0, 1.0)(z, y, p))
+    plain = _scaler_scales(lambda z, y, p: F.cross_entropy(z.float(), y))
+    assert plain[:4] == [2.0**14, 2.0**15, 2.0**16, 2.0**17], "plain CE grows past 2^16"
+    assert fused == plain
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("soft", [False, True])
+def test_values_are_float32_exact_under_bf16_autocast(symmetric, soft):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 100, generator=g) * 3
+    partner = None if symmetric else torch.randn(64, 100, generator=g) * 3
+    target = (
+        torch.softmax(torch.randn(64, 100, generator=g), 1)
+        if soft
+        else torch.randint(0, 100, (64,), generator=g)
+    )
+    exact = cskd_loss(logits, target, partner, symmetric=symmetric)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = cskd_loss(logits, target, partner, symmetric=symmetric)
+    for a, b in zip(autocast, exact):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

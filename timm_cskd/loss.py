@@ -59,6 +59,14 @@ class _FusedCSKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves):
+        # Autocast would run the dot products below in bf16/fp16: the logged and scaled loss lose digits.
+        with torch.autocast(logits.device.type, enabled=False):
+            return _FusedCSKD._forward(
+                ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves
+            )
+
+    @staticmethod
+    def _forward(ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves):
         batch, num_classes = logits.shape
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         z = logits.to(compute_dtype)
@@ -108,7 +116,9 @@ class _FusedCSKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+        # In float32: GradScaler's grad_loss (65536 and up) is inf in float16, which would skip every step.
+        scaled = grad.to(grad_loss.dtype) * grad_loss
+        return scaled.to(grad.dtype), None, None, None, None, None, None
 
 
 def cskd_loss(
