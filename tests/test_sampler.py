@@ -193,3 +193,65 @@ def test_works_as_dataloader_batch_sampler():
     for idx, y in loader:
         assert torch.equal(y[:4], y[4:])
         assert torch.equal(torch.as_tensor(labels)[idx], y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    labels=label_sets(),
+    mode=st.sampled_from(["anchor", "paired"]),
+    before=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    after=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stop=st.integers(0, 6),
+)
+def test_elastic_resume_trains_each_plan_pair_once(labels, mode, before, after, stop):
+    """World size and per-rank batch change mid-epoch: the pairs trained before and after the change
+    are the plan's pairs in order, none repeated, none skipped (up to the last incomplete step)."""
+    (world, pairs), (new_world, new_pairs) = before, after
+    size = pairs if mode == "anchor" else 2 * pairs
+    new_size = new_pairs if mode == "anchor" else 2 * new_pairs
+    try:
+        samplers = [
+            ClassPairSampler(labels, size, mode=mode, num_replicas=world, rank=r, seed=4)
+            for r in range(world)
+        ]
+        resumed = [
+            ClassPairSampler(labels, new_size, mode=mode, num_replicas=new_world, rank=r, seed=4)
+            for r in range(new_world)
+        ]
+    except ValueError:
+        return
+    stop = min(stop, len(samplers[0]))
+    trained = []
+    for sampler in samplers:
+        sampler.set_epoch(2)
+        it = iter(sampler)
+        trained += [split(next(it)) for _ in range(stop)]
+    state = samplers[0].state_dict(batches_consumed=stop)
+    for sampler in resumed:
+        sampler.load_state_dict(state)
+        sampler.set_epoch(2)
+        assert sampler.is_elastic(state) == (before != after)
+        assert sampler.position == sampler.first_batch
+        batches = [split(batch) for batch in sampler]
+        assert sampler.first_batch + len(batches) == len(sampler), "the epoch ends at its last batch"
+        trained += batches
+    pairs_trained = sorted((a, b) for first, partner in trained for a, b in zip(first, partner))
+    first, partner = samplers[0].plan()
+    done = stop * pairs * world
+    remaining = (len(first) - done) // (new_pairs * new_world) * new_pairs * new_world
+    assert pairs_trained == sorted(
+        zip(first[: done + remaining].tolist(), partner[: done + remaining].tolist())
+    )
+
+
+def test_plain_shuffled_batches_resume_elastically():
+    from timm_cskd import ShuffledBatchSampler
+
+    two = [ShuffledBatchSampler(48, 4, num_replicas=2, rank=r, seed=1) for r in range(2)]
+    seen = [i for sampler in two for batch in list(sampler)[:2] for i in batch]
+    one = ShuffledBatchSampler(48, 4, num_replicas=1, rank=0, seed=1)
+    one.load_state_dict(two[0].state_dict(batches_consumed=2))
+    assert one.position == 4 and len(one) == 12
+    seen += [i for batch in one for i in batch]
+    assert sorted(seen) == list(range(48))
+    assert seen[:16] != sorted(seen[:16]), "the plan is shuffled"

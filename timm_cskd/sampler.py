@@ -9,6 +9,13 @@ before it is sharded, so every rank sees the same plan and takes an equal, disjo
   the anchor itself (singleton classes pair with themselves; the reference code allows self-pairs always).
 - ``mode="paired"``: every class is split into random same-class pairs (an odd one out pairs with a random
   classmate), ``k = batch_size // 2``, so a batch holds ``batch_size`` images and an epoch sees each once.
+
+``ShuffledBatchSampler`` is the same machinery without partners, for a plain cross-entropy baseline.
+
+Rank ``r`` of ``R`` takes plan positions ``start + (b * k + j) * R + r``, so after any number of steps the
+trained positions of an epoch are exactly a prefix of the plan. A checkpoint therefore records one global
+position, and a run resumes from it with any number of ranks and any per-rank batch (elastic resume):
+the rest of the plan is re-sharded over the new ranks, nothing trained twice, nothing skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["ClassPairSampler"]
+__all__ = ["ClassPairSampler", "ShuffledBatchSampler"]
 
 MODES = ("anchor", "paired")
 
@@ -36,7 +43,135 @@ def _class_layout(labels: np.ndarray, order: np.ndarray):
     return slot_start, slot_size, slot_rank
 
 
-class ClassPairSampler(torch.utils.data.Sampler[list[int]]):
+class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """A seeded per-epoch plan of units (one column, or first and partner columns), sharded over ranks
+    from a global position. Subclasses define ``plan()``, ``_num_units`` and ``units_per_batch``."""
+
+    mode: str
+    units_per_batch: int
+    _num_units: int
+
+    def _setup(self, batch_size, num_replicas, rank, seed, drop_last):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._start = 0  # global plan position this epoch's iteration starts from
+        self._yielded = 0
+        self._finished = False
+
+    def _check_not_empty(self, unit_name: str):
+        if len(self) == 0:
+            raise ValueError(
+                f"{self._num_units} {unit_name} are too few for one batch of {self.units_per_batch} per rank on "
+                f"{self.num_replicas} rank(s) with drop_last=True"
+            )
+
+    @property
+    def _units_per_step(self) -> int:
+        return self.units_per_batch * self.num_replicas
+
+    def _batches_from(self, start: int) -> int:
+        left = max(self._num_units - start, 0)
+        return left // self._units_per_step if self.drop_last else -(-left // self._units_per_step)
+
+    def __len__(self) -> int:
+        return self._batches_from(0)
+
+    @property
+    def first_batch(self) -> int:
+        """The epoch's batch number of the first batch from the start position (a resume's first batch)."""
+        return len(self) - self._batches_from(self._start)
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch counted as done: yielded, or restored by load_state_dict."""
+        return 0 if self._finished else self.first_batch + self._yielded
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start, self._yielded, self._finished = 0, 0, False
+        self.epoch = epoch
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict:
+        """Position in the epoch. A prefetching DataLoader runs ahead of training: pass the step count."""
+        consumed = self.position if batches_consumed is None else batches_consumed
+        units = self._start + (consumed - self.first_batch) * self._units_per_step
+        return {
+            "epoch": self.epoch,
+            "units_consumed": int(min(units, self._num_units)),
+            "batches_consumed": consumed,
+            "seed": self.seed,
+            "mode": self.mode,
+            "num_replicas": self.num_replicas,
+            "batch_size": self.batch_size,
+        }
+
+    def _saved_units(self, state: dict) -> int:
+        if "units_consumed" in state:
+            return state["units_consumed"]
+        # First-release checkpoints saved batches of their own size on their own rank count.
+        batch_size = state.get("batch_size", self.batch_size)
+        k = batch_size // 2 if state.get("mode", self.mode) == "paired" else batch_size
+        return state["batches_consumed"] * k * state.get("num_replicas", self.num_replicas)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the rank count and batch size may differ from the saved ones."""
+        for key in ("seed", "mode"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
+                )
+        units = self._saved_units(state)
+        if not 0 <= units <= self._num_units:
+            raise ValueError(f"saved position {units} outside the epoch's [0, {self._num_units}]")
+        self.epoch = state["epoch"]
+        self._start, self._yielded, self._finished = units, 0, False
+
+    def is_elastic(self, state: dict) -> bool:
+        """Whether ``state`` was saved with another rank count or batch size (its RNG cannot replay)."""
+        return any(
+            state.get(key, getattr(self, key)) != getattr(self, key) for key in ("num_replicas", "batch_size")
+        )
+
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch])
+
+    def plan(self) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def rank_plan(self, start: int | None = None) -> tuple[np.ndarray, ...]:
+        """This rank's plan columns for the batches from global position ``start`` (default: the
+        resume position), ``batches * k`` entries each; wrapped to the plan's start without drop_last."""
+        start = self._start if start is None else start
+        columns = self.plan()
+        total = self._batches_from(start) * self._units_per_step
+        positions = (start + np.arange(self.rank, total, self.num_replicas)) % self._num_units
+        return tuple(column[positions] for column in columns)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self._finished:
+            # Iterating again without set_epoch replays the epoch, as DistributedSampler does.
+            self._start, self._yielded, self._finished = 0, 0, False
+        columns = self.rank_plan()
+        k = self.units_per_batch
+        for b in range(self._yielded, len(columns[0]) // k):
+            self._yielded = b + 1
+            yield np.concatenate([column[b * k : (b + 1) * k] for column in columns]).tolist()
+        self._finished = True
+
+
+class ClassPairSampler(_PlanBatchSampler):
     """Batch sampler yielding ``[first_1..first_k, partner_1..partner_k]`` with same-class pairs.
 
     Use as ``DataLoader(dataset, batch_sampler=ClassPairSampler(labels, batch_size))``. ``num_replicas`` and
@@ -66,26 +201,10 @@ class ClassPairSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(
                 f"paired mode needs an even batch_size >= 2 (it holds batch_size // 2 pairs), got {batch_size}"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
-
+        self._setup(batch_size, num_replicas, rank, seed, drop_last)
         self.labels = labels.astype(np.int64, copy=False)
-        self.batch_size = batch_size
         self.mode = mode
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.drop_last = drop_last
-        self.pairs_per_batch = batch_size if mode == "anchor" else batch_size // 2
-        self.epoch = 0
-        self._position = 0
-        self._finished = False
+        self.units_per_batch = batch_size if mode == "anchor" else batch_size // 2
 
         # Indices grouped by class once; per-epoch shuffles permute within the groups.
         self._by_class = np.argsort(self.labels, kind="stable")
@@ -97,53 +216,14 @@ class ClassPairSampler(torch.utils.data.Sampler[list[int]]):
         self._size_of = np.empty_like(self._slot_size)
         self._size_of[self._by_class] = self._slot_size
 
-        units = len(self.labels) if mode == "anchor" else int(np.count_nonzero(self._slot_rank % 2 == 0))
-        per_step = self.pairs_per_batch * num_replicas
-        self._num_batches = units // per_step if drop_last else -(-units // per_step)
-        if self._num_batches == 0:
-            raise ValueError(
-                f"{units} {'samples' if mode == 'anchor' else 'pairs'} are too few for one batch of "
-                f"{self.pairs_per_batch} per rank on {num_replicas} rank(s) with drop_last=True"
-            )
-
-    def __len__(self) -> int:
-        return self._num_batches
+        self._num_units = (
+            len(self.labels) if mode == "anchor" else int(np.count_nonzero(self._slot_rank % 2 == 0))
+        )
+        self._check_not_empty("samples" if mode == "anchor" else "pairs")
 
     @property
-    def position(self) -> int:
-        """Batches of the current epoch already yielded, or restored by load_state_dict."""
-        return 0 if self._finished else self._position
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._position, self._finished = 0, False
-        self.epoch = epoch
-
-    def state_dict(self, batches_consumed: int | None = None) -> dict:
-        """Position in the epoch. A prefetching DataLoader runs ahead of training: pass the step count."""
-        consumed = self._position if batches_consumed is None else batches_consumed
-        return {
-            "epoch": self.epoch,
-            "batches_consumed": consumed,
-            "seed": self.seed,
-            "mode": self.mode,
-            "num_replicas": self.num_replicas,
-            "batch_size": self.batch_size,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "mode", "num_replicas", "batch_size"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"sampler state was saved with {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
-                )
-        if not 0 <= state["batches_consumed"] <= self._num_batches:
-            raise ValueError(f"batches_consumed {state['batches_consumed']} outside [0, {self._num_batches}]")
-        self.epoch = state["epoch"]
-        self._position, self._finished = state["batches_consumed"], False
-
-    def _rng(self) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch])
+    def pairs_per_batch(self) -> int:
+        return self.units_per_batch
 
     def _draw_classmates(self, rng: np.random.Generator, idx: np.ndarray) -> np.ndarray:
         """A uniformly drawn classmate of each index other than itself (itself in a singleton class)."""
@@ -173,23 +253,27 @@ class ClassPairSampler(torch.utils.data.Sampler[list[int]]):
         shuffle = rng.permutation(len(first))
         return first[shuffle], partner[shuffle]
 
-    def rank_plan(self) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's ``(first, partner)`` arrays for the epoch, ``len(self) * k`` of each."""
-        first, partner = self.plan()
-        total = self._num_batches * self.pairs_per_batch * self.num_replicas
-        if total > len(first):
-            wrap = np.resize(np.arange(len(first)), total)
-            first, partner = first[wrap], partner[wrap]
-        take = slice(self.rank, total, self.num_replicas)
-        return first[take], partner[take]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        first, partner = self.rank_plan()
-        k = self.pairs_per_batch
-        if self._finished:
-            # Iterating again without set_epoch replays the epoch, as DistributedSampler does.
-            self._position, self._finished = 0, False
-        for b in range(self._position, self._num_batches):
-            self._position = b + 1
-            yield np.concatenate((first[b * k : (b + 1) * k], partner[b * k : (b + 1) * k])).tolist()
-        self._finished = True
+class ShuffledBatchSampler(_PlanBatchSampler):
+    """Plain shuffled batches of ``batch_size`` indices (a DistributedSampler with the same resumable,
+    elastic position), for a cross-entropy baseline without class pairs."""
+
+    mode = "plain"
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        self._setup(batch_size, num_replicas, rank, seed, drop_last)
+        self.units_per_batch = batch_size
+        self._num_units = num_samples
+        self._check_not_empty("samples")
+
+    def plan(self) -> tuple[np.ndarray]:
+        return (self._rng().permutation(self._num_units),)

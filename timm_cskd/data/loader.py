@@ -1,7 +1,7 @@
 """The torch/PIL data backend: datasets over an ImageIndex, timm transforms, and loaders.
 
 Training batches come from ``ClassPairSampler`` (first half, then same-class partners) or, for a plain
-cross-entropy baseline, from a resumable ``DistributedSampler``. Validation shards the images over ranks
+cross-entropy baseline, from a resumable ``ShuffledBatchSampler``. Validation shards the images over ranks
 without padding, so every image counts exactly once.
 """
 
@@ -11,24 +11,26 @@ import contextlib
 import itertools
 import logging
 import random
+import signal
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from timm_cskd.data.index import ImageIndex
-from timm_cskd.sampler import ClassPairSampler
+from timm_cskd.run_lock import close_inherited
+from timm_cskd.sampler import ClassPairSampler, ShuffledBatchSampler
 
 __all__ = [
     "ImageIndexDataset",
-    "ResumableBatchSampler",
     "SeededBatches",
     "build_transforms",
     "build_val_transform",
     "create_train_loader",
     "create_val_loader",
+    "init_loader_worker",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -138,52 +140,13 @@ class SeededBatches(torch.utils.data.Sampler[list[tuple[int, int]]]):
             yield [(i, base * 4096 + j) for j, i in enumerate(batch)]
 
 
-class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of a DistributedSampler that can start mid-epoch, for the plain (non-pair) CE baseline."""
-
-    def __init__(self, num_samples: int, batch_size: int, *, num_replicas: int, rank: int, seed: int):
-        self.sampler = DistributedSampler(
-            range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.batch_size = batch_size
-        if len(self) == 0:
-            raise ValueError(
-                f"{num_samples} samples are too few for one batch of {batch_size} on {num_replicas} rank(s)"
-            )
-        self._position = 0
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    @property
-    def position(self) -> int:
-        return self._position
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self._position = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self, batches_consumed: int | None = None) -> dict:
-        return {
-            "epoch": self.sampler.epoch,
-            "batches_consumed": self._position if batches_consumed is None else batches_consumed,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.set_epoch(state["epoch"])
-        self._position = state["batches_consumed"]
-
-    def __iter__(self):
-        indices = list(self.sampler)
-        for b in range(self._position, len(self)):
-            self._position = b + 1
-            yield indices[b * self.batch_size : (b + 1) * self.batch_size]
-        self._position = 0
+def init_loader_worker(_worker_id: int | None = None) -> None:
+    """Loader workers ignore SIGTERM. A scheduler's preemption (SLURM, ``scancel``, ``kill -- -PGID``)
+    signals the whole process group: a worker that died of it would make the main process raise before
+    it saves its preemption checkpoint. Workers still exit with their parent (torch's watchdog). They
+    also drop their inherited copy of the experiment lock, which is the trainer's alone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    close_inherited()
 
 
 def build_transforms(args, data_config: dict):
@@ -219,7 +182,7 @@ def create_train_loader(
 ):
     dataset = ImageIndexDataset(index, transform)
     if args.cskd_mode == "off" and args.plain_sampler:
-        batch_sampler = ResumableBatchSampler(
+        batch_sampler = ShuffledBatchSampler(
             len(index), args.batch_size, num_replicas=num_replicas, rank=rank, seed=args.seed
         )
     else:
@@ -236,6 +199,7 @@ def create_train_loader(
         batch_sampler=SeededBatches(batch_sampler, args.seed, rank),
         num_workers=args.workers,
         pin_memory=pin_memory,
+        worker_init_fn=init_loader_worker,
         # Its own generator: creating an epoch's iterator must not consume the global RNG (exact resume).
         generator=torch.Generator(),
         persistent_workers=False,
@@ -257,5 +221,10 @@ def create_val_loader(
         ImageIndexDataset(index, transform), range(rank, len(index), num_replicas)
     )
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=init_loader_worker,
     )
