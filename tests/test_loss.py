@@ -148,6 +148,22 @@ def test_keeps_no_more_memory_for_backward_than_unfused(dtype):
     assert fused <= unfused
 
 
+def test_float16_gradient_keeps_small_entries_under_loss_scaling():
+    """Backward with GradScaler's 2^16: the float16 gradient is the float32 one scaled, then rounded."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(256, 1000, generator=g) * 4).half().requires_grad_()
+    partner = (torch.randn(256, 1000, generator=g) * 4).half()
+    target = torch.randint(0, 1000, (256,), generator=g)
+    scale = 2.0**16
+    (grad,) = torch.autograd.grad(CSKDLoss()(logits, target, partner) * scale, logits)
+    ref_logits = logits.detach().float().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(reference(ref_logits, target, partner, 4.0, 1.0) * scale, ref_logits)
+    assert grad.dtype == torch.float16
+    nonzero = ref_grad.half() != 0
+    assert (grad[nonzero] != 0).all(), "entries the scaled float16 gradient holds were flushed to zero"
+    torch.testing.assert_close(grad.float(), ref_grad.half().float(), rtol=2e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "call", "message"),
     [

@@ -11,7 +11,8 @@ autograd function computes both terms and their closed-form gradient in a single
 
     dL/dz = (softmax(z) - y) / B + lambda_cls * T * (softmax(z / T) - softmax(z' / T)) / B
 
-so the only tensor kept for backward is that gradient, in the logits' dtype.
+so the only tensor kept for backward is that gradient, in the logits' dtype (float32 for float16 logits,
+whose range would flush small entries to zero before the AMP loss scale is applied).
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class _FusedCSKD(torch.autograd.Function):
         loss = ce_mean + lambda_cls * temperature * temperature * kl_mean
         grad.add_(log_p.exp_().sub_(q), alpha=lambda_cls * temperature).div_(batch)
 
-        ctx.save_for_backward(grad.to(logits.dtype))
+        # float16 would flush small gradient entries to zero before GradScaler's scale lifts them: keep
+        # float32 there (bfloat16 has float32's range and is kept in its own dtype).
+        ctx.save_for_backward(grad if logits.dtype == torch.float16 else grad.to(logits.dtype))
         ctx.mark_non_differentiable(ce_mean, kl_mean)
         return loss, ce_mean, kl_mean
 
