@@ -153,37 +153,166 @@ def test_trains_on_the_demo_dataset_and_loss_falls(tmp_path):
     assert metrics["num_samples"] == 500
 
 
+def _broken_files(train):
+    """The bad files a real ImageNet folder holds: truncated, foreign, corrupt inside a whole JPEG."""
+    good = (train / "class_000" / "img_0001.jpg").read_bytes()
+    truncated = train / "class_000" / "img_0000.jpg"
+    truncated.write_bytes(good[: len(good) // 2])
+    garbage = train / "class_001" / "img_0002.JPEG"
+    garbage.write_bytes(b"<html>404 Not Found</html>" * 20)
+    corrupt = bytearray(good)
+    corrupt[200:-10] = b"\xab" * (len(corrupt) - 210)  # markers intact, entropy-coded data wrong
+    inside = train / "class_001" / "img_0003.jpg"
+    inside.write_bytes(bytes(corrupt))
+    return truncated, garbage, inside
+
+
+def test_broken_files_never_stop_the_reader_and_are_named(tmp_path, caplog):
+    from conftest import make_image_folder
+
+    train = make_image_folder(tmp_path / "train", [6, 6, 6], size=(40, 40), noise=30)
+    truncated, garbage, inside = _broken_files(train)
+    index = build_index(train)
+    loader, val = dali.create_dali_loaders(dali_args("anchor", 3), index, index, DATA_CONFIG, Context(CPU))
+    with caplog.at_level("WARNING", logger="timm_cskd.data.dali"):
+        for epoch in (0, 1):
+            loader.batch_sampler.set_epoch(epoch)
+            first, partner = loader.batch_sampler.rank_plan()
+            expected = [
+                np.concatenate(
+                    (index.labels[first[b * 3 : b * 3 + 3]], index.labels[partner[b * 3 : b * 3 + 3]])
+                )
+                for b in range(len(loader))
+            ]
+            got = [labels.numpy() for _, labels in loader]
+            assert len(got) == len(loader), "an epoch lost batches"
+            for g, e in zip(got, expected):
+                np.testing.assert_array_equal(g, e)
+        assert sum(len(labels) for _, labels in val) == len(index), "validation counts each image once"
+    messages = [r.getMessage() for r in caplog.records]
+    for path in (truncated, garbage):
+        assert any(str(path) in m and "a classmate stands in" in m for m in messages), messages
+    assert any(str(inside) in m and "DALI cannot decode" in m for m in messages), messages
+    assert sum(str(inside) in m for m in messages) == 2, "logged once by the train and once by the val loader"
+
+
+def test_workers_are_spawned_and_decode_on_the_process_gpu(coded_folder):
+    index = build_index(coded_folder)
+    train, val = dali.create_dali_loaders(
+        dali_args(), index, index, DATA_CONFIG, Context(torch.device("cuda", 1))
+    )
+    assert (train.device_id, val.device_id) == (1, 1), "--device cuda:1 must decode on GPU 1"
+    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU))
+    next(iter(train))
+    # Forking a process that holds a CUDA context is refused by DALI: the trainer has one by now.
+    assert train._iterator._pipes[0]._py_start_method == "spawn"
+
+
+@pytest.mark.parametrize(("size", "crop_pct"), [(16, 0.9), (224, 0.875), (224, 0.95), (288, 1.0), (100, 0.7)])
+def test_validation_resize_rounds_as_timm(size, crop_pct):
+    from timm.data import create_transform
+    from torchvision.transforms import Resize
+
+    timm_tf = create_transform(input_size=(3, size, size), is_training=False, crop_pct=crop_pct)
+    resize = next(t for t in timm_tf.transforms if isinstance(t, Resize))
+    expected = resize.size if isinstance(resize.size, int) else resize.size[0]
+    assert dali.val_resize_shorter((size, size), crop_pct) == expected
+
+
+WORKER_SCRIPT = """
+import os, sys, time, torch
+from timm_cskd.config import parse_args
+from timm_cskd.data import build_index
+from timm_cskd.data import dali
+from timm_cskd.distributed import Context
+
+if __name__ == "__main__":
+    index = build_index(sys.argv[1])
+    args = parse_args(["--data-dir", "unused", "-b", "3", "-j", "2"])
+    cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 1.0,
+           "interpolation": "bilinear"}
+    train, _ = dali.create_dali_loaders(args, index, None, cfg, Context(torch.device("cpu")))
+    next(iter(train))
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def _children(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+def test_reader_workers_exit_when_the_trainer_is_killed(coded_folder, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "reader.py"
+    script.write_text(WORKER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(coded_folder)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "expected the two spawned reader processes"
+    for pid in workers:  # a scheduler's TERM to the whole group: readers ignore it, they wait for the trainer
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert all(Path(f"/proc/{pid}").exists() for pid in workers)
+    proc.kill()  # a segfault or an OOM kill gives no chance to clean up
+    proc.wait()
+    deadline = time.time() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "DALI reader processes outlived their trainer"
+
+
 @pytest.mark.slow
 def test_broken_images_are_listed_and_skipped_by_both_backends(tmp_path, capsys):
     from conftest import make_image_folder
 
     data = tmp_path / "data"
-    make_image_folder(data / "train", [6, 6], size=(24, 24), noise=30)
+    make_image_folder(data / "train", [6, 6], size=(40, 40), noise=30)
     make_image_folder(data / "val", [2, 2], size=(24, 24), noise=30)
-    (data / "train" / "class_000" / "img_0000.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    truncated, garbage, inside = _broken_files(data / "train")
     Image.new("RGB", (24, 24), (1, 2, 3)).save(data / "train" / "class_001" / "png_inside.JPEG", format="PNG")
     listing = tmp_path / "undecodable.txt"
     assert verify_main(["--data-dir", str(data), "--output", str(listing), "-j", "2"]) == 0
     out = capsys.readouterr().out
-    assert [line for line in listing.read_text().splitlines() if not line.startswith("#")] == [
-        "train/class_000/img_0000.jpg"
-    ]
+    listed = [line for line in listing.read_text().splitlines() if not line.startswith("#")]
+    assert "train/class_000/img_0000.jpg" in listed and "train/class_001/img_0002.JPEG" in listed
     assert "PNG content in a JPEG-named file: train/class_001/png_inside.JPEG" in out
 
     common = ["--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--epochs", "1", "-b", "4",
               "-j", "1", "--output", str(tmp_path / "out")]  # fmt: skip
-    metrics = run(
-        parse_args([*common, "--experiment", "torch", "-j", "0"])
-    )  # no list: the torch backend skips it
+    # No exclude list: both backends meet the bad files in the folder and go on.
+    metrics = run(parse_args([*common, "--experiment", "torch", "-j", "0"]))
     assert metrics["num_samples"] == 4
     assert "skipping undecodable image" in capsys.readouterr().out
+    metrics = run(parse_args([*common, "--experiment", "dali", "--data-backend", "dali"]))
+    assert metrics["num_samples"] == 4
+    log = (tmp_path / "out" / "dali" / "log.txt").read_text()
+    assert str(truncated) in log and str(garbage) in log
     metrics = run(
         parse_args(
-            [*common, "--experiment", "dali", "--data-backend", "dali", "--exclude-list", str(listing)]
+            [*common, "--experiment", "dali-listed", "--data-backend", "dali", "--exclude-list", str(listing)]
         )
     )
     assert metrics["num_samples"] == 4
-    assert "excluding 1 undecodable images" in capsys.readouterr().out
+    assert f"excluding {len(listed)} undecodable images" in capsys.readouterr().out
 
 
 def test_missing_dali_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -5,16 +5,36 @@ decides the order: a parallel per-sample ``fn.external_source`` reads the encode
 i (worker processes), DALI decodes with a random crop (``device="mixed"``: nvJPEG on the GPU; CPU
 operators with ``device_id=None`` on machines without one), flips, normalises with the model's mean/std
 and hands over NCHW batches ``[first; partners]`` exactly like the torch backend. Resuming mid-epoch
-starts the plan at the saved batch. Validation shards the images over ranks without padding, so each
+starts the plan at the saved position. Validation shards the images over ranks without padding, so each
 image is counted once.
+
+Broken files never stop a run. The reader checks each file's structure (JPEG start and end markers, PNG
+end chunk, known signatures) and substitutes the next classmate for a file that fails, as the torch
+backend does; a file that passes the check but still fails in DALI's decoder (whose error names no file)
+is found by decoding the failing batches' files one by one, logged with its path, excluded, and the
+pipeline restarts at the same batch.
+
+The reader workers are spawned, not forked: the trainer has initialised CUDA by the time the pipeline
+is built, and DALI refuses to fork a process with a CUDA context. They ignore SIGTERM (the trainer
+saves its preemption checkpoint, then exits) and exit by themselves when the trainer is gone.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
+import math
+import multiprocessing
 import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
 
 import numpy as np
+import torch
 
 from timm_cskd.config import ConfigError
 from timm_cskd.data.index import ImageIndex
@@ -30,43 +50,202 @@ except ImportError as e:  # pragma: no cover - exercised by hiding the module in
         f"use nvidia-dali-cuda120 for drivers older than CUDA 13) [{e}]"
     ) from e
 
-__all__ = ["DaliTrainLoader", "DaliValLoader", "create_dali_loaders"]
+__all__ = [
+    "DaliTrainLoader",
+    "DaliValLoader",
+    "create_dali_loaders",
+    "dali_device_id",
+    "structural_problem",
+    "val_resize_shorter",
+]
+
+_logger = logging.getLogger(__name__)
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
+# Batches past the failing one that may already be in flight when DALI reports a decoder error.
+PROBE_WINDOW = 4
+
+
+def structural_problem(data: np.ndarray) -> str | None:
+    """What is wrong with an encoded image file, from its first and last bytes, or None if it looks whole.
+
+    Catches truncated and foreign files before they reach a decoder: DALI's error names no file, and two
+    such files in one batch have crashed the process outright."""
+    if len(data) < 8:
+        return "empty or truncated file"
+    # Some writers pad a file after its last marker: look at the end without that padding.
+    head, tail = bytes(data[:16]), bytes(data[-4096:]).rstrip(b"\x00\r\n ")[-64:]
+    if head.startswith(b"\xff\xd8\xff"):
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return None if int.from_bytes(head[4:8], "little") + 8 <= len(data) else "truncated WebP"
+    if head.startswith(b"BM"):
+        return None if int.from_bytes(head[2:6], "little") <= len(data) else "truncated BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"P5", b"P6", b"P2", b"P3", b"\x00\x00\x00\x0cjP  ")):
+        return None
+    return "not an image file DALI decodes (unknown signature)"
+
+
+def _read(path: str) -> tuple[np.ndarray | None, str | None]:
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return data, structural_problem(data)
+
+
+def _classmates(labels: np.ndarray) -> dict[int, np.ndarray]:
+    order = np.argsort(labels, kind="stable")
+    return {int(labels[g[0]]): g for g in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)}
+
+
+class _GoodFiles:
+    """Encoded bytes of dataset item i, or of its next classmate that reads whole when i does not.
+
+    Problems are reported once per file through marker files in ``report_dir``, shared by every reader
+    process; the loader logs them (with paths) from the main process."""
+
+    def __init__(self, index: ImageIndex, excluded: frozenset[int], report_dir: str):
+        self.root, self.paths, self.labels = index.root, index.paths, index.labels
+        self.excluded, self.report_dir = excluded, report_dir
+        self._bad: set[int] = set(excluded)
+        self._mates: dict[int, np.ndarray] | None = None
+
+    def _report(self, i: int, reason: str) -> None:
+        try:
+            fd = os.open(os.path.join(self.report_dir, str(i)), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except OSError:  # reported already, or the loader is gone
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.path.join(self.root, self.paths[i])}\t{reason}")
+
+    def _candidates(self, i: int):
+        if self._mates is None:
+            self._mates = _classmates(self.labels)
+        mates = self._mates[int(self.labels[i])]
+        start = int(np.flatnonzero(mates == i)[0])
+        return itertools.chain(mates[start:], mates[:start])
+
+    def get(self, i: int) -> tuple[np.ndarray, int]:
+        for j in self._candidates(int(i)):
+            j = int(j)
+            if j in self._bad:
+                continue
+            data, problem = _read(os.path.join(self.root, self.paths[j]))
+            if problem is None:
+                return data, j
+            self._bad.add(j)
+            self._report(j, problem)
+        raise RuntimeError(f"no image of class {int(self.labels[i])} under {self.root} can be read whole")
+
+
+def _exit_with_parent() -> None:
+    """In a spawned reader: ignore SIGTERM and leave as soon as the trainer process is gone."""
+    if multiprocessing.parent_process() is None:
+        return  # unpickled in the trainer itself: nothing to do
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="timm-cskd-parent-watch", daemon=True).start()
 
 
 class _PlanSource:
     """Per-sample source: the encoded bytes and label of position i of this rank's epoch plan.
 
-    Runs in DALI's worker processes, so it derives everything from (seed, epoch) through its own copy of
-    the sampler; DALI's ``epoch_idx`` counts pipeline resets, mapped to (first_epoch + epoch_idx).
+    Runs in DALI's spawned worker processes, so it derives everything from (seed, epoch) through its own
+    copy of the sampler; DALI's ``epoch_idx`` counts pipeline resets, mapped to (first_epoch + epoch_idx),
+    the first of which starts at plan position ``start``.
     """
 
-    def __init__(self, index: ImageIndex, sampler: ClassPairSampler, first_epoch: int, start_batch: int):
-        self.root, self.paths, self.labels = index.root, index.paths, index.labels
+    def __init__(
+        self,
+        index: ImageIndex,
+        sampler: ClassPairSampler,
+        first_epoch: int,
+        start: int,
+        excluded: frozenset[int],
+        report_dir: str,
+    ):
+        self.files = _GoodFiles(index, excluded, report_dir)
+        self.labels = index.labels
         self.sampler = copy.copy(sampler)  # set_epoch below must not move the trainer's sampler
-        self.first_epoch, self.start_batch = first_epoch, start_batch
-        self.batch = 2 * sampler.pairs_per_batch
+        self.first_epoch, self.start = first_epoch, start
         self._epoch, self._plan = None, None
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _exit_with_parent()
 
     def _plan_for(self, epoch_idx: int) -> np.ndarray:
         if self._epoch != epoch_idx:
             self.sampler.set_epoch(self.first_epoch + epoch_idx)
-            first, partner = self.sampler.rank_plan()
-            k = self.sampler.pairs_per_batch
-            self._plan = np.concatenate((first.reshape(-1, k), partner.reshape(-1, k)), axis=1).ravel()
+            self._plan = _flat_plan(self.sampler, self.start if epoch_idx == 0 else 0)
             self._epoch = epoch_idx
         return self._plan
 
     def __call__(self, info):
         plan = self._plan_for(info.epoch_idx)
-        offset = self.start_batch * self.batch if info.epoch_idx == 0 else 0
-        position = offset + info.idx_in_epoch
-        if position >= len(plan):
+        if info.idx_in_epoch >= len(plan):
             raise StopIteration
-        i = plan[position]
-        encoded = np.fromfile(os.path.join(self.root, self.paths[i]), dtype=np.uint8)
-        return encoded, np.array(self.labels[i], dtype=np.int64)
+        encoded, _ = self.files.get(plan[info.idx_in_epoch])
+        return encoded, np.array(self.labels[plan[info.idx_in_epoch]], dtype=np.int64)
+
+
+def _flat_plan(sampler: ClassPairSampler, start: int) -> np.ndarray:
+    """This rank's dataset indices from plan position ``start``, batch after batch ``[first; partners]``."""
+    first, partner = sampler.rank_plan(start)
+    k = sampler.pairs_per_batch
+    return np.concatenate((first.reshape(-1, k), partner.reshape(-1, k)), axis=1).ravel()
+
+
+def _is_decode_error(error: Exception) -> bool:
+    text = str(error)
+    return any(marker in text for marker in ("fn.decoders", "nvImageCodec", "Failed to decode"))
+
+
+def _decoder_message(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line for line in lines if "failure" in line or "Failed" in line), lines[-1])
+
+
+def _decodes(encoded: np.ndarray, device_id: int | None) -> bool:
+    """Whether DALI's decoder (on the training device) decodes this one file."""
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    def probe():
+        data = fn.external_source(source=lambda: [encoded], batch=True, dtype=types.UINT8)
+        return fn.decoders.image(
+            data, device="mixed" if device_id is not None else "cpu", output_type=types.RGB
+        )
+
+    pipe = probe()
+    try:
+        pipe.build()
+        pipe.run()
+    except RuntimeError:
+        return False
+    finally:
+        del pipe
+    return True
+
+
+def dali_device_id(device: torch.device) -> int | None:
+    """The GPU this process trains on (``--device cuda:1`` included), or None for CPU operators."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def val_resize_shorter(input_size, crop_pct: float) -> int:
+    """The validation resize of the shorter side, rounded down as timm's eval transform does."""
+    return math.floor(input_size[-2] / crop_pct)
 
 
 def _normalise(images, data_config, *, mirror, layout: str, dtype):
@@ -78,12 +257,20 @@ def _normalise(images, data_config, *, mirror, layout: str, dtype):
 
 
 class _DaliLoader:
-    """Shared conversion from DALI outputs to torch (images NCHW, channels_last in memory if asked)."""
+    """Shared conversion from DALI outputs to torch (images NCHW, channels_last in memory if asked) and
+    the handling of files DALI cannot decode."""
 
-    def __init__(self, device_id: int | None, channels_last: bool):
+    def __init__(self, index: ImageIndex, device_id: int | None, channels_last: bool):
+        self.index = index
         self.device_id = device_id
         self.channels_last = channels_last
         self.layout = "HWC" if channels_last else "CHW"
+        self.excluded: set[int] = set()
+        self._report_dir = tempfile.mkdtemp(prefix="timm_cskd_dali_")
+        self._reported: set[str] = set()
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "_report_dir", ""), ignore_errors=True)
 
     def _torch_batches(self, iterator):
         for data in iterator:
@@ -92,6 +279,40 @@ class _DaliLoader:
                 images = images.permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW: channels_last for free
             yield images, labels
 
+    def log_reports(self) -> None:
+        """Log, once each, the files the readers substituted."""
+        for name in os.listdir(self._report_dir):
+            if name in self._reported:
+                continue
+            self._reported.add(name)
+            with open(os.path.join(self._report_dir, name)) as f:
+                path, _, reason = f.read().partition("\t")
+            _logger.warning(
+                "DALI: skipping unreadable image %s (%s); a classmate stands in for it", path, reason
+            )
+
+    def _exclude_undecodable(self, error: RuntimeError, items: np.ndarray, where: str) -> None:
+        """After a decoder error: decode ``items`` one by one, exclude the failures, or re-raise naming them."""
+        files = _GoodFiles(self.index, frozenset(self.excluded), self._report_dir)
+        found = []
+        for i in dict.fromkeys(int(i) for i in items):
+            encoded, used = files.get(i)
+            if used == i and not _decodes(encoded, self.device_id):
+                found.append(i)
+        self.log_reports()
+        if not found:
+            paths = ", ".join(self.index.full_path(i) for i in dict.fromkeys(int(i) for i in items))
+            raise RuntimeError(
+                f"DALI failed on {where}, but each of its files decodes on its own ({paths}): {error}"
+            ) from error
+        for i in found:
+            _logger.warning(
+                "DALI cannot decode %s (%s): excluded from this run; list it with python -m timm_cskd.data.verify",
+                self.index.full_path(i),
+                _decoder_message(error),
+            )
+        self.excluded.update(found)
+
 
 class DaliTrainLoader(_DaliLoader):
     """Iterates training batches ``[first; partners]`` for ``batch_sampler``'s current epoch and position."""
@@ -99,17 +320,19 @@ class DaliTrainLoader(_DaliLoader):
     def __init__(
         self, index: ImageIndex, batch_sampler: ClassPairSampler, data_config: dict, args, device_id
     ):
-        super().__init__(device_id, args.channels_last)
-        self.index, self.batch_sampler, self.data_config, self.args = index, batch_sampler, data_config, args
+        super().__init__(index, device_id, args.channels_last)
+        self.batch_sampler, self.data_config, self.args = batch_sampler, data_config, args
         self._iterator, self._next_epoch = None, None
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def _build(self, epoch: int, start_batch: int):
+    def _build(self, epoch: int, start: int):
         args, device_id = self.args, self.device_id
         rank = self.batch_sampler.rank
-        source = _PlanSource(self.index, self.batch_sampler, epoch, start_batch)
+        source = _PlanSource(
+            self.index, self.batch_sampler, epoch, start, frozenset(self.excluded), self._report_dir
+        )
         decoder = "mixed" if device_id is not None else "cpu"
         size = self.data_config["input_size"][-2:]
         dtype = (
@@ -119,12 +342,12 @@ class DaliTrainLoader(_DaliLoader):
         )
 
         @pipeline_def(
-            batch_size=source.batch,
+            batch_size=2 * self.batch_sampler.pairs_per_batch,
             num_threads=max(args.workers, 1),
             device_id=device_id,
             seed=args.seed * 1000 + rank,
             py_num_workers=max(args.workers, 1),
-            py_start_method="fork",
+            py_start_method="spawn",
             prefetch_queue_depth=2,
         )
         def pipeline():
@@ -153,17 +376,35 @@ class DaliTrainLoader(_DaliLoader):
         self._iterator = DALIGenericIterator(
             pipe, ["images", "labels"], auto_reset=True, last_batch_policy=LastBatchPolicy.DROP
         )
-        self._next_epoch = epoch
 
     def __iter__(self):
         sampler = self.batch_sampler
-        epoch, start = sampler.epoch, sampler.position
+        epoch, batch = sampler.epoch, sampler.position
+        start = sampler.state_dict(batches_consumed=batch)["units_consumed"]
         # One pipeline serves consecutive epochs from their first batch; anything else (a resume, a
         # repeated epoch) rebuilds it so the plan, not DALI's state, decides where reading starts.
-        if self._iterator is None or epoch != self._next_epoch or start != 0:
-            self._build(epoch, start)
+        if epoch != self._next_epoch or start != 0:
+            self._iterator = None
         self._next_epoch = epoch + 1
-        yield from self._torch_batches(self._iterator)
+        while True:
+            try:
+                if self._iterator is None:
+                    self._build(epoch, start)  # DALI's iterator runs the first batch already
+                for images, labels in self._torch_batches(self._iterator):
+                    yield images, labels
+                    batch += 1
+                    if batch % 100 == 0:
+                        self.log_reports()
+                break
+            except RuntimeError as e:
+                if not _is_decode_error(e):
+                    raise
+                self._iterator = None
+                start = sampler.state_dict(batches_consumed=batch)["units_consumed"]
+                window = _flat_plan(sampler, start)[: PROBE_WINDOW * 2 * sampler.pairs_per_batch]
+                # The same batch again next time round the loop, its undecodable files substituted.
+                self._exclude_undecodable(e, window, f"batch {batch + 1} of epoch {epoch + 1}")
+        self.log_reports()
 
 
 class DaliValLoader(_DaliLoader):
@@ -172,8 +413,8 @@ class DaliValLoader(_DaliLoader):
     def __init__(
         self, index: ImageIndex, data_config: dict, args, device_id, *, num_replicas: int, rank: int
     ):
-        super().__init__(device_id, args.channels_last)
-        self.index, self.data_config, self.args = index, data_config, args
+        super().__init__(index, device_id, args.channels_last)
+        self.data_config, self.args = data_config, args
         self.indices = np.arange(rank, len(index), num_replicas)
         self.batch_size = args.validation_batch_size or 2 * args.batch_size
         self._iterator = None
@@ -181,30 +422,36 @@ class DaliValLoader(_DaliLoader):
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
-    def _batches(self):
-        for start in range(0, len(self.indices), self.batch_size):
+    def _batches(self, first_batch: int):
+        files = _GoodFiles(self.index, frozenset(self.excluded), self._report_dir)
+        for start in range(first_batch * self.batch_size, len(self.indices), self.batch_size):
             chunk = self.indices[start : start + self.batch_size]
             yield (
-                [np.fromfile(self.index.full_path(i), dtype=np.uint8) for i in chunk],
+                [files.get(i)[0] for i in chunk],
                 [np.array(self.index.labels[i], dtype=np.int64) for i in chunk],
             )
 
-    def _build(self):
+    def _build(self, first_batch: int):
         cfg, device_id = self.data_config, self.device_id
         size = cfg["input_size"][-2:]
-        resize_shorter = int(round(size[0] / cfg["crop_pct"]))
+
+        def batches():  # a generator function: DALI restarts it for every pass
+            yield from self._batches(first_batch)
 
         @pipeline_def(batch_size=self.batch_size, num_threads=max(self.args.workers, 1), device_id=device_id)
         def pipeline():
             jpegs, labels = fn.external_source(
-                source=self._batches, num_outputs=2, cycle="raise", dtype=[types.UINT8, types.INT64]
+                source=batches,
+                num_outputs=2,
+                cycle="raise",
+                dtype=[types.UINT8, types.INT64],
             )
             images = fn.decoders.image(
                 jpegs, device="mixed" if device_id is not None else "cpu", output_type=types.RGB
             )
             images = fn.resize(
                 images,
-                resize_shorter=resize_shorter,
+                resize_shorter=val_resize_shorter(size, cfg["crop_pct"]),
                 interp_type=INTERP.get(cfg["interpolation"], types.INTERP_CUBIC),
             )
             images = fn.crop(images, crop=list(size))
@@ -218,16 +465,31 @@ class DaliValLoader(_DaliLoader):
         )
 
     def __iter__(self):
-        if self._iterator is None:
-            self._build()
-        yield from self._torch_batches(self._iterator)
+        batch, restarted = 0, False
+        while True:
+            try:
+                if self._iterator is None:
+                    self._build(batch)  # DALI's iterator runs the first batch already
+                for images, labels in self._torch_batches(self._iterator):
+                    yield images, labels
+                    batch += 1
+                break
+            except RuntimeError as e:
+                if not _is_decode_error(e):
+                    raise
+                self._iterator, restarted = None, True
+                window = self.indices[batch * self.batch_size : (batch + PROBE_WINDOW) * self.batch_size]
+                self._exclude_undecodable(e, window, f"validation batch {batch + 1}")
+        if restarted:
+            self._iterator = None  # it restarts at the failed batch: the next pass needs a fresh one
+        self.log_reports()
 
 
 def create_dali_loaders(args, train_index: ImageIndex, val_index: ImageIndex | None, data_config: dict, ctx):
-    """One pipeline per rank on its local GPU (CPU operators when the device is the CPU)."""
+    """One pipeline per rank on its own GPU (CPU operators when the device is the CPU)."""
     if args.plain_sampler:
         raise ConfigError("--data-backend dali reads the class-pair plan; drop --plain-sampler")
-    device_id = ctx.local_rank if ctx.device.type == "cuda" else None
+    device_id = dali_device_id(ctx.device)
     sampler = ClassPairSampler(
         train_index.labels,
         args.batch_size,
