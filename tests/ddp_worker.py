@@ -1,6 +1,16 @@
-"""Run under torchrun by test_ddp.py: train, then save this rank's weights and validation metrics."""
+"""Run under torchrun by the DDP tests: train, then save this rank's weights and validation metrics.
 
+Test-only faults and probes, from the environment:
+- ``RECORD_DIR``: append each trained batch's (epoch, dataset indices) to ``RECORD_DIR/rank{R}.jsonl``.
+- ``STOP_AT_STEP``: every rank sends itself SIGTERM at that global step (a scheduler's preemption).
+- ``CRASH_AT_STEP``: rank 1 of the first torchrun attempt dies by SIGKILL at that step.
+- ``PER_RANK_OUTPUT``: each rank writes under ``--output``/node{R}, as nodes without shared storage do.
+"""
+
+import collections
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -8,14 +18,55 @@ import torch
 from timm.utils.model import unwrap_model
 
 from timm_cskd.config import parse_args
+from timm_cskd.sampler import ClassPairSampler
 from timm_cskd.train import Trainer
 
+
+def instrument():
+    rank = int(os.environ.get("RANK", 0))
+    pending = collections.deque()
+    record_dir = os.environ.get("RECORD_DIR")
+    stop_at = int(os.environ.get("STOP_AT_STEP", 0))
+    crash_at = int(os.environ.get("CRASH_AT_STEP", 0))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+    plan_iter = ClassPairSampler.__iter__
+
+    def recording_iter(self):
+        for batch in plan_iter(self):
+            pending.append((self.epoch, batch))
+            yield batch
+
+    train_step = Trainer._train_step
+
+    def step(self, images, target):
+        epoch, batch = pending.popleft()
+        if record_dir:
+            with open(Path(record_dir) / f"rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps([epoch, batch]) + "\n")
+        result = train_step(self, images, target)
+        if self.state.global_step + 1 == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if first_attempt and rank == 1 and self.state.global_step + 1 == crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    ClassPairSampler.__iter__ = recording_iter
+    Trainer._train_step = step
+
+
 if __name__ == "__main__":
+    instrument()
     args = parse_args(sys.argv[1:])
+    if os.environ.get("PER_RANK_OUTPUT"):
+        args.output = str(Path(args.output) / f"node{os.environ['RANK']}")
     trainer = Trainer(args)
     metrics = trainer.fit()
     rank = trainer.ctx.rank
     out = Path(args.output) / args.experiment
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap_model(trainer.task.trainable_module).state_dict(), out / f"rank{rank}.pt")
+    if trainer.task.has_ema():
+        torch.save(trainer.task.get_trainable_module(ema=True).state_dict(), out / f"ema{rank}.pt")
     (out / f"metrics{rank}.json").write_text(json.dumps(metrics))
     trainer.close()

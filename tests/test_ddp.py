@@ -52,6 +52,11 @@ def test_two_ranks_train_identically_and_validate_each_image_once(tmp_path, mode
     w0, w1 = (torch.load(run_dir / f"rank{r}.pt") for r in (0, 1))
     for key in w0:
         assert torch.equal(w0[key], w1[key]), f"{key} differs between ranks"
+    e0, e1 = (torch.load(run_dir / f"ema{r}.pt") for r in (0, 1))
+    for key in e0:
+        assert torch.equal(e0[key], e1[key]), (
+            f"EMA {key} differs between ranks: each rank averaged its own init"
+        )
     m0, m1 = (json.loads((run_dir / f"metrics{r}.json").read_text()) for r in (0, 1))
     assert m0 == m1
     assert m0["num_samples"] == 7
@@ -67,3 +72,93 @@ def test_two_ranks_train_identically_and_validate_each_image_once(tmp_path, mode
     single = evaluate(model, loader, torch.device("cpu")).meter.compute()
     for key in ("top1_err", "top5_err", "nll", "ece", "brier", "num_samples"):
         assert single[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-6), key
+
+
+def torchrun(nproc, args, env=None, extra=(), timeout=300):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", *extra, str(HERE / "ddp_worker.py"), *args,
+    ]  # fmt: skip
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent), **(env or {}))
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def elastic_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("elastic")
+    make_image_folder(data / "train", [12, 12, 12, 12], size=(20, 20), noise=40)  # 48 anchors
+    make_image_folder(data / "val", [2, 2, 2, 2], size=(20, 20), noise=40)
+    return data
+
+
+def elastic_args(data, out, *extra):
+    return [
+        "--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
+        "--epochs", "1", "-b", "4", "--lr", "0.05", "-j", "0", "--output", str(out), "--experiment", "run",
+        "--log-interval", "1", "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def trained_pairs(record_dir, epoch=0):
+    pairs = []
+    for path in Path(record_dir).glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            e, batch = json.loads(line)
+            if e == epoch:
+                k = len(batch) // 2
+                pairs += zip(batch[:k], batch[k:])
+    return sorted(pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after", "stop"), [(2, 1, 2), (1, 2, 4)], ids=["2-to-1", "1-to-2"])
+def test_elastic_resume_trains_the_epoch_plan_exactly_once(elastic_data, tmp_path, before, after, stop):
+    """Preempted mid-epoch on one rank count, resumed on another: the epoch's trained (anchor, partner)
+    pairs are the plan's, none lost, none repeated."""
+    from timm_cskd.sampler import ClassPairSampler
+
+    records = tmp_path / "records"
+    records.mkdir()
+    args = elastic_args(elastic_data, tmp_path / "out")
+    env = {"RECORD_DIR": str(records)}
+    first = torchrun(before, args, env=dict(env, STOP_AT_STEP=str(stop)))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "stop requested (SIGTERM)" in first.stdout
+    assert len(trained_pairs(records)) == stop * before * 4
+    resumed = torchrun(after, [*args, "--resume", "auto"], env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "elastic resume" in resumed.stdout + resumed.stderr
+
+    labels = build_index(elastic_data / "train").labels
+    first_plan, partner_plan = ClassPairSampler(labels, 4, seed=3).plan()
+    assert trained_pairs(records) == sorted(zip(first_plan.tolist(), partner_plan.tolist()))
+    summary = (tmp_path / "out" / "run" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 2, "the epoch finished once"
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_and_training_finishes(elastic_data, tmp_path):
+    args = elastic_args(
+        elastic_data, tmp_path / "out", "--epochs", "2", "--checkpoint-interval", "2", "--resume", "auto"
+    )
+    proc = torchrun(2, args, env={"CRASH_AT_STEP": "5"}, extra=["--max-restarts=1"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "no checkpoint in" in output, "the first attempt starts fresh"
+    assert "resumed from" in output and "at epoch 0, batch 4" in output, "the restart resumes from step 4"
+    summary = (tmp_path / "out" / "run" / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_resume_fails_on_every_rank_when_one_cannot_read_the_checkpoint(elastic_data, tmp_path):
+    """Nodes without shared storage: rank 0 finds a checkpoint that rank 1 cannot read. Before, rank 0
+    resumed while rank 1 started fresh; now both stop with an error naming the rank, never a hang."""
+    args = elastic_args(elastic_data, tmp_path / "out")
+    env = {"PER_RANK_OUTPUT": "1"}
+    assert torchrun(2, args, env=env).returncode == 0
+    proc = torchrun(2, [*args, "--epochs", "2", "--resume", "auto"], env=env, timeout=120)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "rank 1 on" in output and "node1/run/last.pth.tar" in output
+    assert "every node must see the experiment folder" in output

@@ -107,6 +107,7 @@ def _assert_identical(a, b):
 
 
 def _spawn(args):
+    """The trainer in its own process group, as a batch scheduler starts a job."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, str(REPO / "train_imagenet.py"), *args],
@@ -115,6 +116,7 @@ def _spawn(args):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
 
 
@@ -155,10 +157,13 @@ def test_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path, unin
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(data_dir, tmp_path, uninterrupted):
+def test_sigterm_to_the_process_group_saves_and_exits_cleanly_then_resumes_exactly(
+    data_dir, tmp_path, uninterrupted
+):
     proc = _spawn(tiny_args(data_dir, tmp_path, *EXACT))
     _wait_for(tmp_path / "run" / "last.pth.tar", proc)
-    proc.send_signal(signal.SIGTERM)
+    # SLURM preemption, scancel and kill -- -PGID signal the whole group: loader workers included.
+    os.killpg(proc.pid, signal.SIGTERM)
     output = proc.communicate()[0]
     assert proc.returncode == 0, output
     assert "stop requested (SIGTERM)" in output
@@ -264,9 +269,11 @@ def test_demo_defaults_resolve_to_demo_config():
 def test_resume_with_other_settings_is_a_clear_error(data_dir, tmp_path, capsys):
     run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "1")))
     capsys.readouterr()
-    assert main(tiny_args(data_dir, tmp_path, "--epochs", "2", "-b", "4", "--resume", "auto")) == 2
+    assert (
+        main(tiny_args(data_dir, tmp_path, "--epochs", "2", "--cskd-mode", "paired", "--resume", "auto")) == 2
+    )
     err = capsys.readouterr().err
-    assert "cannot continue with these settings" in err and "batch_size" in err
+    assert "cannot continue with these settings" in err and "mode" in err
     assert main(tiny_args(data_dir, tmp_path, "--resume", str(tmp_path / "nope.pth.tar"))) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
@@ -333,3 +340,44 @@ def test_multistep_schedule_drops_tenfold_at_the_milestone_epochs(data_dir, tmp_
     # Per update, at the epoch boundaries; timm applies a milestone from the update before it (timm #2745).
     expected = [0.1] * (steps - 1) + [0.01] * steps + [0.001] * (steps + 1)
     assert lrs == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_folder_is_refused_and_a_killed_run_leaves_no_stale_lock(
+    data_dir, tmp_path, capsys
+):
+    import socket
+
+    from timm_cskd.train import Trainer
+
+    first = _spawn(tiny_args(data_dir, tmp_path, "--epochs", "200", "-j", "2", "--checkpoint-interval", "1"))
+    _wait_for(tmp_path / "run" / "last.pth.tar", first)
+    # The same job submitted again while the first still runs.
+    code = main(tiny_args(data_dir, tmp_path, "--epochs", "200", "--resume", "auto"))
+    err = capsys.readouterr().err
+    assert first.poll() is None, "the first run must still be running"
+    assert code == 2
+    assert f"in use by another run (pid {first.pid} on host {socket.gethostname()}" in err
+    first.kill()  # SIGKILL: no chance to release anything; its loader workers linger a moment
+    first.wait()
+    trainer = Trainer(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "200", "--resume", "auto")))
+    trainer.close()
+    assert trainer.state.global_step > 0, "it resumed"
+
+
+def test_non_finite_loss_stops_with_the_step_and_never_saves_bad_weights(data_dir, tmp_path, capsys):
+    code = main(
+        tiny_args(data_dir, tmp_path, "--lr", "1e8", "--checkpoint-interval", "1", "--log-interval", "1")
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    step = int(re.search(r"the loss became NaN/inf at step (\d+)", err).group(1))
+    assert "lower --lr" in err
+    for name in ("last.pth.tar", "last-previous.pth.tar"):
+        path = tmp_path / "run" / name
+        if path.exists():
+            checkpoint = load_checkpoint_file(path)
+            assert checkpoint["global_step"] < step
+            assert all(
+                torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point()
+            )

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     cskd.add_argument(
         "--plain-sampler",
         action="store_true",
-        help="with --cskd-mode off: an ordinary DistributedSampler instead of the class-pair sampler",
+        help="with --cskd-mode off: plain shuffled batches (a DistributedSampler) instead of the class-pair sampler",
     )
 
     opt = parser.add_argument_group("optimisation")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,42 @@ class Context:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def fail_together(self, error: Exception | None) -> None:
+        """Raise on every rank if any rank failed, so no rank waits forever in its next collective.
+
+        Each rank passes the exception it caught (or None); all ranks raise the first failing rank's
+        error with that rank and its host named. Single process: re-raises ``error``.
+        """
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        reports = [None] * self.world_size
+        mine = None if error is None else (error, socket.gethostname())
+        dist.all_gather_object(reports, mine)
+        for rank, report in enumerate(reports):
+            if report is not None:
+                failure, host = report
+                raise type(failure)(f"rank {rank} on {host}: {failure}") from (
+                    error if rank == self.rank else None
+                )
+
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
 
 def setup_context(args) -> Context:

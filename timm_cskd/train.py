@@ -31,17 +31,27 @@ from timm.utils.model import unwrap_model
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import ConfigError, dump_args, parse_args
 from timm_cskd.data.index import VAL_SPLITS, DataIndexError, build_index, find_split
-from timm_cskd.data.loader import build_transforms, create_train_loader, create_val_loader
+from timm_cskd.data.loader import SeededBatches, build_transforms, create_train_loader, create_val_loader
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
+from timm_cskd.run_lock import RunLock, RunLockedError
 from timm_cskd.task import CSKDTask
 
-__all__ = ["Trainer", "run", "main"]
+__all__ = ["Trainer", "TrainingDivergedError", "run", "main"]
 
 _logger = logging.getLogger("timm_cskd.train")
 
 STOP_SIGNALS = (signal.SIGTERM,)
+# The earliest non-finite step, encoded so that a MAX all-reduce finds it: NO_STEP - step, 0 when none.
+NO_STEP = 2**50
+
+
+DIVERGED_HINT = "lower --lr, add --clip-grad or --warmup-epochs, or try --amp-dtype bfloat16"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became NaN/inf; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -53,9 +63,10 @@ class TrainState:
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
-    # Running sums of this epoch's loss terms (loss, ce, cls) over its batch_in_epoch batches, so a
-    # resumed epoch reports them whole.
+    # This epoch's loss terms (loss, ce, cls) summed over all ranks' batches so far, and how many
+    # rank-batches that is: a resumed epoch, on any number of ranks, reports its means whole.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    epoch_count: int = 0
 
 
 def setup_logging(ctx: Context, log_file: Path | None) -> None:
@@ -76,7 +87,14 @@ def setup_logging(ctx: Context, log_file: Path | None) -> None:
     root.setLevel(level)
 
 
-def experiment_dir(args, ctx: Context) -> Path:
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - timm's Mixup uses the global RNG
+    torch.manual_seed(seed)
+
+
+def open_experiment(args, ctx: Context) -> tuple[Path, RunLock | None]:
+    """The experiment folder, locked by rank 0 for the run's life; every rank fails alike if it cannot."""
     name = args.experiment
     if name is None:
         if args.resume == "auto":
@@ -87,22 +105,32 @@ def experiment_dir(args, ctx: Context) -> Path:
         name = name[0]
         args.experiment = name
     folder = Path(args.output) / name
-    previous = [
-        folder / f for f in (ckpt.LAST, ckpt.PREVIOUS, ckpt.BEST, "summary.csv") if (folder / f).exists()
-    ]
-    if previous and not args.resume:
-        if not args.overwrite:
-            raise ConfigError(
-                f"{folder} already holds a training run: pass --resume auto to continue it, --overwrite to "
-                "start it over (its checkpoints and summary are deleted), or another --experiment"
-            )
-        if ctx.primary:
-            for path in previous:
-                path.unlink()
+    lock, error = None, None
     if ctx.primary:
-        folder.mkdir(parents=True, exist_ok=True)
-    ctx.barrier()
-    return folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(folder)
+            lock.acquire()
+            previous = [
+                folder / f
+                for f in (ckpt.LAST, ckpt.PREVIOUS, ckpt.BEST, "summary.csv")
+                if (folder / f).exists()
+            ]
+            if previous and not args.resume:
+                if not args.overwrite:
+                    raise ConfigError(
+                        f"{folder} already holds a training run: pass --resume auto to continue it, --overwrite "
+                        "to start it over (its checkpoints and summary are deleted), or another --experiment"
+                    )
+                for path in previous:
+                    path.unlink()
+        except (ConfigError, RunLockedError, OSError) as e:
+            if lock is not None:
+                lock.release()
+                lock = None
+            error = e
+    ctx.fail_together(error)
+    return folder, lock
 
 
 def resolve_data_dir(args, ctx: Context) -> Path:
@@ -203,14 +231,6 @@ class _StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, ctx: Context) -> bool:
-        """All ranks stop at the same step, or one would wait forever in the next all-reduce."""
-        if not ctx.distributed:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -222,11 +242,21 @@ class Trainer:
         validate_args(args)
         self.args = args
         self.ctx = ctx = setup_context(args)
-        self.out_dir = experiment_dir(args, ctx)
+        self.out_dir, self.lock = open_experiment(args, ctx)
+        try:
+            self._build(args, ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, args, ctx: Context) -> None:
         setup_logging(ctx, self.out_dir / "log.txt")
-        random.seed(args.seed + ctx.rank)
-        np.random.seed(args.seed + ctx.rank)  # noqa: NPY002 - timm's Mixup uses the global RNG
-        torch.manual_seed(args.seed + ctx.rank)
+        resume = self._load_resume_checkpoint(args.resume) if args.resume else None
+        if resume is not None and args.lr is None and resume[1].get("args", {}).get("lr") is not None:
+            # The schedule continues as it started, also when the rank count (global batch) changed.
+            args.lr = resume[1]["args"]["lr"]
+        # The same initial weights on every rank (so is each rank's EMA copy); per-rank streams after.
+        seed_everything(args.seed)
 
         self.train_index, self.val_index = load_indices(args, ctx, self.out_dir)
         num_classes = self.train_index.num_classes
@@ -272,7 +302,11 @@ class Trainer:
                     workers=args.workers,
                     pin_memory=pin,
                 )
-        self.sampler = self.train_loader.batch_sampler
+        # The plan sampler itself (the torch loader wraps it to seed each sample's augmentation).
+        batch_sampler = self.train_loader.batch_sampler
+        self.sampler = (
+            batch_sampler.batch_sampler if isinstance(batch_sampler, SeededBatches) else batch_sampler
+        )
 
         if args.lr is None:
             args.lr = args.lr_base * args.batch_size * ctx.world_size / 256
@@ -315,6 +349,8 @@ class Trainer:
             self.task.compile(backend=args.torchcompile)
         if ctx.distributed:
             self.task.prepare_distributed(device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        seed_everything(args.seed + ctx.rank)
+        self._first_bad_step = torch.zeros((), dtype=torch.int64, device=ctx.device)
 
         self.updates_per_epoch = len(self.train_loader)
         self.scheduler, _ = create_scheduler_v2(
@@ -330,8 +366,8 @@ class Trainer:
             updates_per_epoch=self.updates_per_epoch,
         )
         self.state = TrainState()
-        if args.resume:
-            self._resume(args.resume)
+        if resume is not None:
+            self._resume(*resume)
         if ctx.primary:
             dump_args(args, self.out_dir / "args.yaml")
 
@@ -353,6 +389,7 @@ class Trainer:
             "resume_batch": s.batch_in_epoch,
             "best_epoch": s.best_epoch,
             "epoch_sums": list(s.epoch_sums),
+            "epoch_count": s.epoch_count,
             "sampler": self.sampler.state_dict(batches_consumed=s.batch_in_epoch),
             "rng": rng_states,
             "num_classes": self.args.num_classes,
@@ -367,7 +404,10 @@ class Trainer:
         return state
 
     def save(self) -> None:
-        """Every rank calls this: rank 0 gathers each rank's RNG state and writes ``last.pth.tar``."""
+        """Every rank calls this: rank 0 gathers each rank's RNG state and writes ``last.pth.tar``.
+
+        Non-finite weights are never written: the previous checkpoint stays the newest good one."""
+        self._check_finite_weights()
         rng_states = [ckpt.rng_state()]
         if self.ctx.distributed:
             gathered = [None] * self.ctx.world_size if self.ctx.primary else None
@@ -378,47 +418,105 @@ class Trainer:
                 self._checkpoint_state(rng_states), self.out_dir / ckpt.LAST, keep_previous=True
             )
 
-    def _resume(self, resume: str) -> None:
-        if resume == "auto":
-            found = ckpt.find_resume_checkpoint(self.out_dir)
-            if found is None:
-                _logger.info("--resume auto: no checkpoint in %s, starting fresh", self.out_dir)
-                return
-            path, state = found
-        else:
-            path, state = Path(resume), ckpt.load_checkpoint_file(resume)
-        if "global_step" not in state:
-            raise ckpt.CheckpointError(
-                f"{path} is not a timm-cskd training checkpoint (no training position)"
+    def _check_finite_weights(self) -> None:
+        tensors = [t for t in self.task.get_trainable_module().state_dict().values() if t.is_floating_point()]
+        if self.task.has_ema():
+            ema = self.task.get_trainable_module(ema=True).state_dict().values()
+            tensors += [t for t in ema if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+        if self.ctx.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise TrainingDivergedError(
+                f"the weights are NaN/inf at step {self.state.global_step} (epoch {self.state.epoch + 1}): "
+                f"not saving, {self.out_dir / ckpt.LAST} keeps the last good state; {DIVERGED_HINT}"
             )
+
+    def _load_resume_checkpoint(self, resume: str) -> tuple[Path, dict] | None:
+        """Rank 0 chooses the checkpoint, every rank reads that file from its own view of the experiment
+        folder, and all ranks fail together if one cannot: never one rank resuming while another starts."""
+        ctx, found, error, state = self.ctx, None, None, None
+        if resume == "auto":
+            if ctx.primary:
+                found = ckpt.find_resume_checkpoint(self.out_dir)
+            name = ctx.broadcast(None if found is None else found[0].name)
+            if name is None:
+                _logger.info("--resume auto: no checkpoint in %s, starting fresh", self.out_dir)
+                return None
+            path = self.out_dir / name
+        else:
+            path = Path(resume)
+        try:
+            state = found[1] if found is not None else ckpt.load_checkpoint_file(path)
+            if "global_step" not in state:
+                raise ckpt.CheckpointError(
+                    f"{path} is not a timm-cskd training checkpoint (no training position)"
+                )
+        except ckpt.CheckpointError as e:
+            hint = (
+                " (every node must see the experiment folder: put --output on shared storage)"
+                if ctx.distributed
+                else ""
+            )
+            error = ckpt.CheckpointError(f"{e}{hint}")
+        ctx.fail_together(error)
+        steps = ctx.gather(state["global_step"])
+        if len(set(steps)) > 1:
+            raise ckpt.CheckpointError(
+                f"the ranks read different checkpoints named {path} (global steps {steps}): "
+                "every node must see the same experiment folder"
+            )
+        return path, state
+
+    def _resume(self, path: Path, state: dict) -> None:
+        args, ctx = self.args, self.ctx
         try:
             self.task.load_checkpoint_state(state["state_dict"])
             if self.task.has_ema() and "state_dict_ema" in state:
                 self.task.load_checkpoint_state(state["state_dict_ema"], ema=True)
         except RuntimeError as e:
-            raise ckpt.CheckpointError(f"{path} does not fit --model {self.args.model}: {e}") from e
+            raise ckpt.CheckpointError(f"{path} does not fit --model {args.model}: {e}") from e
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
+        elastic = self.sampler.is_elastic(state["sampler"]) or len(state["rng"]) != ctx.world_size
+        # The scheduler counts updates: with another rank count or batch an epoch has another number of
+        # them, so it is rebuilt for this run and placed at the same epoch position below.
+        if self.scheduler is not None and state.get("scheduler") is not None and not elastic:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "amp_scaler" in state:
             self.scaler.load_state_dict(state["amp_scaler"])
-        if len(state["rng"]) != self.ctx.world_size:
-            raise ckpt.CheckpointError(
-                f"{path} was saved by {len(state['rng'])} rank(s); resume it with the same number of processes"
-            )
         try:
             self.sampler.load_state_dict(state["sampler"])
         except ValueError as e:
             raise ckpt.CheckpointError(f"{path} cannot continue with these settings: {e}") from e
+        epoch, batch = state["resume_epoch"], self.sampler.position
         self.state = TrainState(
-            epoch=state["resume_epoch"],
-            batch_in_epoch=state["resume_batch"],
-            global_step=state["global_step"],
+            epoch=epoch,
+            batch_in_epoch=batch,
+            global_step=epoch * self.updates_per_epoch + batch,
             best_metric=state["metric"],
             best_epoch=state["best_epoch"],
-            epoch_sums=list(state["epoch_sums"]),
+            # Rank 0 carries the saved sums of the epoch; the others start theirs at zero.
+            epoch_sums=list(state["epoch_sums"]) if ctx.primary else [0.0, 0.0, 0.0],
+            epoch_count=state.get("epoch_count", state["resume_batch"]) if ctx.primary else 0,
         )
-        ckpt.set_rng_state(state["rng"][self.ctx.rank])
+        if elastic:
+            saved = state["sampler"]
+            seed_everything(args.seed + ctx.rank + 1000 * self.state.global_step)
+            _logger.warning(
+                "elastic resume: saved by %d rank(s) x batch %s, continuing on %d x %d from sample position %d "
+                "of epoch %d (batch %d of %d); the rest of the epoch is re-sharded, augmentation and Mixup "
+                "randomness is not replayed exactly",
+                len(state["rng"]),
+                saved.get("batch_size"),
+                ctx.world_size,
+                args.batch_size,
+                self.sampler.state_dict()["units_consumed"],
+                epoch + 1,
+                batch,
+                self.updates_per_epoch,
+            )
+        else:
+            ckpt.set_rng_state(state["rng"][ctx.rank])
         _logger.info(
             "resumed from %s at epoch %d, batch %d (step %d)",
             path,
@@ -451,20 +549,61 @@ class Trainer:
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), args.clip_grad)
             self.optimizer.step()
-        return torch.stack([loss.detach(), result["ce"], result["cls"]]).double()
+        terms = torch.stack([loss.detach(), result["ce"], result["cls"]]).double()
+        # Remember the first non-finite step on the device: no host sync until the next agreement.
+        self._first_bad_step = torch.where(
+            torch.isfinite(terms[0]) | (self._first_bad_step > 0),
+            self._first_bad_step,
+            NO_STEP - self.state.global_step - 1,
+        )
+        return terms
+
+    def _agree(self, stop: _StopFlag, check_finite: bool = True) -> bool:
+        """Whether any rank was asked to stop; raises on every rank if any rank saw a non-finite loss.
+
+        All ranks stop at the same step, or one would wait forever in the next all-reduce."""
+        ctx = self.ctx
+        if not ctx.distributed and not check_finite:
+            return stop.requested
+        flags = torch.stack(
+            [torch.tensor(float(stop.requested), device=ctx.device), self._first_bad_step.double()]
+        )
+        if ctx.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        requested, bad = flags.tolist()
+        if bad:
+            step = NO_STEP - int(bad)
+            raise TrainingDivergedError(
+                f"the loss became NaN/inf at step {step} (epoch {self.state.epoch + 1}); stopped before saving, "
+                f"so {self.out_dir / ckpt.LAST} keeps the last good state; {DIVERGED_HINT}"
+            )
+        return bool(requested)
+
+    def _save_mid_epoch(self, sums: torch.Tensor, local_batches: int, count_before: int) -> None:
+        """Record the epoch's global loss sums (a collective, as save is) and write the checkpoint."""
+        state, ctx = self.state, self.ctx
+        total = sums.clone()
+        if ctx.distributed:
+            dist.all_reduce(total)
+        state.epoch_sums = total.tolist()
+        state.epoch_count = count_before + local_batches * ctx.world_size
+        self.save()
 
     def train_epoch(self, epoch: int, stop: _StopFlag) -> dict[str, float] | None:
         """One epoch from the current position; returns its mean loss terms, or None when stopped."""
         args, ctx, state = self.args, self.ctx, self.state
         self.sampler.set_epoch(epoch)
         self.task.train()
+        # Rank 0 starts from the saved global sums of a resumed epoch, the other ranks from zero.
         sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=ctx.device)
+        count_before, local_batches = state.epoch_count, 0
         window_start, window_steps = time.perf_counter(), 0
         total_steps = args.epochs * self.updates_per_epoch
         for images, target in self.train_loader:
             sums += self._train_step(images, target)
             state.batch_in_epoch += 1
             state.global_step += 1
+            local_batches += 1
             window_steps += 1
             if self.scheduler is not None:
                 self.scheduler.step_update(num_updates=state.global_step)
@@ -476,32 +615,35 @@ class Trainer:
             if at_log:
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / window_steps
-                self._log_progress(epoch, sums, step_time, total_steps)
+                self._log_progress(
+                    epoch, sums, (count_before if ctx.primary else 0) + local_batches, step_time, total_steps
+                )
                 window_start, window_steps = time.perf_counter(), 0
-            # Ranks agree only where they sync anyway; a single process checks every step.
-            if (at_log or at_checkpoint or not ctx.distributed) and stop.agreed(ctx):
-                state.epoch_sums = sums.tolist()
-                self.save()
+            # Ranks agree only where they sync anyway; a single process checks the stop flag every step.
+            synced = at_log or at_checkpoint
+            if (synced or not ctx.distributed) and self._agree(stop, check_finite=synced):
+                if not synced:
+                    self._agree(stop)  # a diverged run is not saved
+                self._save_mid_epoch(sums, local_batches, count_before)
                 _logger.info(
                     "stop requested (SIGTERM): saved %s at step %d, exiting", ckpt.LAST, state.global_step
                 )
                 return None
             if at_checkpoint and not last_batch:
-                state.epoch_sums = sums.tolist()
-                self.save()
+                self._save_mid_epoch(sums, local_batches, count_before)
         if ctx.distributed:
             dist.all_reduce(sums)
-        # Batches in this epoch, resumed ones included: the sums span them all.
-        count = max(state.batch_in_epoch * ctx.world_size, 1)
+        # Rank-batches in this epoch, resumed ones included: the sums span them all.
+        count = max(count_before + local_batches * ctx.world_size, 1)
         loss, ce, cls = (v / count for v in sums.tolist())
         return {"loss": loss, "ce": ce, "cls": cls}
 
-    def _log_progress(self, epoch, sums, step_time, total_steps):
+    def _log_progress(self, epoch, sums, terms, step_time, total_steps):
         """Rank 0's running means over the epoch so far (as timm's train.py shows averages)."""
         if not self.ctx.primary:
             return
         s = self.state
-        loss, ce, cls = (v / s.batch_in_epoch for v in sums.tolist())
+        loss, ce, cls = (v / max(terms, 1) for v in sums.tolist())
         lr = self.optimizer.param_groups[0]["lr"]
         rate = self.args.batch_size * self.ctx.world_size / step_time
         eta = (total_steps - s.global_step) * step_time
@@ -583,14 +725,19 @@ class Trainer:
                 metrics = self.validate()
                 lr = self.optimizer.param_groups[0]["lr"]
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
-                state.epoch_sums = [0.0, 0.0, 0.0]
+                state.epoch_sums, state.epoch_count = [0.0, 0.0, 0.0], 0
                 is_best = bool(metrics) and (
                     state.best_metric is None or metrics["top1_err"] < state.best_metric
                 )
                 if is_best:
                     state.best_metric, state.best_epoch = metrics["top1_err"], epoch
                 if self.ctx.primary:
-                    eval_row = {k: metrics[k] for k in ("nll", "top1_err", "top5_err", "ece") if k in metrics}
+                    eval_row = {
+                        k: metrics[k]
+                        for prefix in ("", "ema_")
+                        for k in (f"{prefix}nll", f"{prefix}top1_err", f"{prefix}top5_err", f"{prefix}ece")
+                        if k in metrics
+                    }
                     update_summary(epoch, train_metrics, eval_row, self.out_dir / "summary.csv", lr=lr)
                     if metrics:
                         _logger.info(
@@ -610,6 +757,9 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
         if self.ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -647,7 +797,7 @@ def main(argv: list[str] | None = None, default_config: str | os.PathLike | None
     try:
         args = parse_args(argv, default_config)
         run(args)
-    except (ConfigError, DataIndexError, ckpt.CheckpointError) as e:
+    except (ConfigError, DataIndexError, ckpt.CheckpointError, RunLockedError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
