@@ -1,6 +1,7 @@
 """Evaluate, compare and export on checkpoints the trainer writes, and export round trips into timm."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from calibration_reference import calibration_metrics, grid_temperature, nll
 from conftest import make_image_folder
 from PIL import Image
 
@@ -17,7 +19,8 @@ from timm_cskd import compare, evaluate, export
 from timm_cskd.config import parse_args
 from timm_cskd.train import run
 
-METRIC_KEYS = {"top1_err", "top5_err", "nll", "ece", "brier", "recall_at_1", "num_samples"}
+METRIC_KEYS = {"top1_err", "top5_err", "nll", "ece", "brier", "conf_gap", "recall_at_1", "num_samples"}
+TS_KEYS = {"temperature", "nll_ts", "ece_ts", "conf_gap_ts"}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +29,13 @@ def trained(tmp_path_factory):
     data = root / "data"
     make_image_folder(data / "train", [10, 10, 10], size=(20, 20), noise=50)
     make_image_folder(data / "val", [4, 3, 4], size=(20, 20), noise=50)
+    # Training images, one per class filed under the next class: confident mistakes make the NLL-optimal
+    # temperature an interior one.
+    for c in range(3):
+        (data / "calib" / f"class_{c:03d}").mkdir(parents=True)
+        for i, source in enumerate([*[(c, i) for i in range(4)], ((c + 1) % 3, 9)]):
+            image = data / "train" / f"class_{source[0]:03d}" / f"img_{source[1]:04d}.jpg"
+            (data / "calib" / f"class_{c:03d}" / f"img_{i:04d}.jpg").write_bytes(image.read_bytes())
     args = [
         "--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
         "--epochs", "2", "-b", "6", "--lr", "0.05", "-j", "0", "--output", str(root / "out"),
@@ -45,6 +55,7 @@ def test_evaluate_training_checkpoint(trained, tmp_path):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= METRIC_KEYS
+    assert not set(metrics) & TS_KEYS, "no temperature without --calib-split"
     assert metrics["num_samples"] == 11
     # The trainer's last validation used the same weights and preprocessing.
     for key in ("top1_err", "top5_err", "nll", "ece", "brier"):
@@ -58,11 +69,101 @@ def test_evaluate_training_checkpoint(trained, tmp_path):
     assert predictions["features"].shape[0] == 11
     top1 = (predictions["probs"].argmax(1) != predictions["labels"]).mean() * 100
     assert metrics["top1_err"] == pytest.approx(top1)
+    gap = 100 * predictions["probs"].max(1).mean() - (100 - top1)
+    assert metrics["conf_gap"] == pytest.approx(gap, rel=1e-5, abs=1e-5)
 
     ema_out = tmp_path / "eval-ema"
     assert evaluate.main(["--checkpoint", str(run_dir / "last.pth.tar"), "--data-dir", str(data), "--ema",
                           "--output", str(ema_out), "-j", "0"]) == 0  # fmt: skip
     assert json.loads((ema_out / "metrics.json").read_text())["ema"] is True
+
+
+def test_calib_split_temperature_scaling(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    common = ["--checkpoint", str(run_dir / "last.pth.tar"), "--data-dir", str(data), "-j", "0"]
+    out = tmp_path / "val"
+    assert evaluate.main([*common, "--calib-split", "calib", "--save-predictions", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS | TS_KEYS
+    assert metrics["calib_num_samples"] == 15
+    # The calibration split's logits up to a per-image constant, which softmax(z / T) ignores.
+    assert (
+        evaluate.main([*common, "--split", "calib", "--save-predictions", "--output", str(tmp_path / "c")])
+        == 0
+    )
+    calib = np.load(tmp_path / "c" / "predictions.npz")
+    calib_logits = np.log(calib["probs"].astype(np.float64))
+    best, step = grid_temperature(calib_logits, calib["labels"])
+    assert 0.05 < best < 20, "the check needs an interior optimum"
+    assert abs(math.log(metrics["temperature"]) - math.log(best)) <= step + 1e-5
+    assert (
+        nll(calib_logits, calib["labels"], metrics["temperature"])
+        <= nll(calib_logits, calib["labels"], best) + 1e-9
+    )
+
+    val = np.load(out / "predictions.npz")
+    expected = calibration_metrics(
+        np.log(val["probs"].astype(np.float64)) / metrics["temperature"], val["labels"]
+    )
+    for key, value in expected.items():
+        assert metrics[f"{key}_ts"] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+    capsys.readouterr()
+    assert evaluate.main([*common, "--calib-split", "val", "--output", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--calib-split" in err and "shares 11 of its 11 images with the evaluated split" in err
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    for name in ("train", "val"):
+        os.symlink(data / name, listed / name)
+    # A list file naming two of the evaluated folder's images is no held-out split either.
+    (listed / "calib.txt").write_text("val/class_000/img_0000.jpg 0\ntrain/class_001/img_0000.jpg 1\n")
+    common[3] = str(listed)
+    assert evaluate.main([*common, "--calib-split", "calib", "--output", str(tmp_path / "bad")]) == 2
+    assert "shares 1 of its 2 images" in capsys.readouterr().err
+    assert evaluate.main([*common, "--calib-split", "nope", "--output", str(tmp_path / "bad")]) == 2
+    assert "no 'nope' folder or list file" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+class FlagRecorder(torch.nn.Module):
+    """Records the float32 precision settings its forward runs under; raises when told to."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.fail, self.seen = fail, []
+
+    def forward(self, x):
+        backends = torch.backends
+        self.seen.append(
+            (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+        )
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_evaluation_runs_without_tf32_and_restores_the_flags(precision):
+    batches = [(torch.randn(2, 4), torch.tensor([0, 2])), (torch.randn(1, 4), torch.tensor([1]))]
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        # As distributed.setup_context leaves them for training on CUDA.
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = True
+        model = FlagRecorder()
+        evaluate.evaluate(model, batches, torch.device("cpu"))
+        assert model.seen == [(False, False, "highest")] * 2
+        assert torch.get_float32_matmul_precision() == precision
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError, match="forward failed"):
+            evaluate.evaluate(FlagRecorder(fail=True), batches, torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == precision
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def test_evaluate_state_dict_and_exported_folder_agree(trained, tmp_path):
@@ -112,6 +213,8 @@ def test_two_process_evaluation_equals_one(trained, tmp_path):
         "-j",
         "0",
         "--save-predictions",
+        "--calib-split",
+        "calib",
     ]
     assert evaluate.main([*common, "--output", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -122,7 +225,7 @@ def test_two_process_evaluation_equals_one(trained, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    for key in METRIC_KEYS:
+    for key in METRIC_KEYS | TS_KEYS:
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     p1, p2 = np.load(tmp_path / "one" / "predictions.npz"), np.load(tmp_path / "two" / "predictions.npz")
     np.testing.assert_array_equal(p1["labels"], p2["labels"])
@@ -208,3 +311,21 @@ def test_export_errors_are_clear(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists(), "nothing is exported before the token check"
     assert evaluate.main(["--checkpoint", str(truncated), "--data-dir", str(tmp_path)]) == 2
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.parametrize("name", ["last.pth.tar", "model_best.pth.tar"])
+def test_model_card_shows_the_validation_of_the_exported_weights(trained, tmp_path, name, ema):
+    import csv
+
+    _, run_dir, _ = trained
+    epoch = torch.load(run_dir / name, weights_only=True)["epoch"]
+    with open(run_dir / "summary.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["epoch"] == str(epoch))
+    prefix = "eval_ema_" if ema else "eval_"
+    assert f"{prefix}top1_err" in row, "summary.csv records the EMA's validation too"
+    out = export.export(run_dir / name, tmp_path / "card", ema=ema)
+    card = (out / "README.md").read_text()
+    assert f"after epoch {epoch + 1}" in card
+    for key, label in (("top1_err", "top-1 error (%)"), ("nll", "NLL"), ("ece", "ECE, 20 bins (%)")):
+        assert f"| {label} | {float(row[prefix + key]):.4g} |" in card, (key, card)

@@ -23,10 +23,11 @@ def brute_force(probs, target, num_bins):
     p, y = probs.double().tolist(), target.tolist()
     n = len(y)
     bins = [[] for _ in range(num_bins)]
-    top1 = nll = brier = 0.0
+    top1 = nll = brier = conf_sum = 0.0
     for row, label in zip(p, y):
         conf = max(row)
         pred = row.index(conf)
+        conf_sum += conf
         top1 += pred == label
         nll -= math.log(row[label])
         brier += sum((q - (j == label)) ** 2 for j, q in enumerate(row))
@@ -35,7 +36,13 @@ def brute_force(probs, target, num_bins):
     ece = sum(
         len(b) / n * abs(sum(c for c, _ in b) / len(b) - sum(a for _, a in b) / len(b)) for b in bins if b
     )
-    return {"top1_err": 100 * (1 - top1 / n), "nll": nll / n, "brier": brier / n, "ece": 100 * ece}
+    return {
+        "top1_err": 100 * (1 - top1 / n),
+        "nll": nll / n,
+        "brier": brier / n,
+        "ece": 100 * ece,
+        "conf_gap": 100 * (conf_sum - top1) / n,
+    }
 
 
 def meter_for(probs, target, num_bins=20, chunks=1):
@@ -119,6 +126,31 @@ def test_recall_at_1_distinct_distances_exact():
         d[i] = math.inf
         expected += labels[int(d.argmin())] == labels[i]
     assert recall_at_k(features, labels, 1, chunk_size=33) == pytest.approx(100 * expected.item() / 200)
+
+
+def test_recall_at_1_near_duplicates_of_large_norm():
+    """Pairs of near-duplicates (0.01 apart) far from the origin (norm ~8,000), each with a decoy of
+    another class 0.03 away: the matrix-product form of the distance loses them in float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    groups = 40
+    base = torch.randn(groups, 64, generator=g, dtype=torch.float64) * 1000
+    direction = torch.nn.functional.normalize(
+        torch.randn(groups, 2, 64, generator=g, dtype=torch.float64), dim=2
+    )
+    features = torch.cat([base, base + 0.01 * direction[:, 0], base + 0.03 * direction[:, 1]]).float()
+    labels = torch.cat([torch.arange(groups), torch.arange(groups), torch.arange(groups) + groups])
+    exact = features.double()
+    distance = ((exact[:, None] - exact[None]) ** 2).sum(2)
+    distance.fill_diagonal_(math.inf)
+    nearest = distance.argmin(1)
+    expected = 100 * (labels[nearest] == labels).double().mean().item()
+    assert expected == pytest.approx(200 / 3), "the duplicates find each other; every decoy misses"
+    shortcut = torch.cdist(features, features, compute_mode="use_mm_for_euclid_dist")
+    shortcut.fill_diagonal_(math.inf)
+    assert (shortcut.argmin(1) != nearest).sum() > groups // 2, (
+        "float32 matmul distances pick wrong neighbours"
+    )
+    assert recall_at_k(features, labels, k=1, chunk_size=50) == pytest.approx(expected)
 
 
 def test_bad_arguments():

@@ -4,10 +4,12 @@
     torchrun --nproc_per_node=8 -m timm_cskd.evaluate --checkpoint exported/ --data-dir /imagenet
 
 CKPT is a training checkpoint, a plain state_dict (with --model) or an exported ``local-dir`` folder.
-Writes ``metrics.json`` (errors and ECE in percent, as in the paper), ``reliability.png``,
-``reliability.json`` (the bins, for ``timm_cskd.compare``) and with --save-predictions
-``predictions.npz`` (probs, labels, features). Under torchrun each rank evaluates its share and every
-image counts exactly once.
+Writes ``metrics.json`` (errors, ECE and the confidence gap in percent, as in the paper),
+``reliability.png``, ``reliability.json`` (the bins, for ``timm_cskd.compare``) and with
+--save-predictions ``predictions.npz`` (probs, labels, features). With --calib-split it also fits a
+temperature on that held-out split (Guo et al. 2017) and reports the evaluated split's NLL, ECE and
+confidence gap after scaling. Under torchrun each rank evaluates its share and every image counts exactly
+once. Evaluation runs in full float32 (TF32 off) unless --amp asks for bfloat16.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,9 @@ import torch
 import torch.distributed as dist
 from timm.data import resolve_data_config
 
+from timm_cskd.calibration import T_MAX, T_MIN, fit_temperature, temperature_scaled_metrics
 from timm_cskd.checkpoint import CheckpointError, load_model
-from timm_cskd.data.index import VAL_SPLITS, DataIndexError, build_index, find_split
+from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex, build_index, find_split
 from timm_cskd.data.loader import build_val_transform, create_val_loader
 from timm_cskd.distributed import setup_context
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
@@ -41,7 +45,7 @@ _logger = logging.getLogger("timm_cskd.evaluate")
 class Evaluation:
     meter: ClassificationMeter
     features: torch.Tensor | None = None
-    probs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
 
 
@@ -67,6 +71,55 @@ def _gather_in_order(local: torch.Tensor, total: int, world_size: int) -> torch.
     return out
 
 
+def _precision_settings() -> list:
+    """torch >= 2.9's per-backend float32 precision settings ("ieee", "tf32", "bf16", or "none": as the
+    enclosing backend), where this torch has them."""
+    found = []
+    for path in ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"):
+        holder = torch.backends
+        for part in path.split("."):
+            holder = getattr(holder, part, None)
+        if holder is not None and hasattr(holder, "fp32_precision"):
+            found.append(holder)
+    return found
+
+
+def _readable(getter):
+    # torch's legacy getters raise once the per-backend API has left the backends disagreeing.
+    try:
+        return getter()
+    except RuntimeError:
+        return None
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Float32 matmuls and convolutions in IEEE float32 (no TF32, no bf16) inside; the caller's
+    settings restored after, also on errors.
+
+    ``setup_context`` turns TF32 on for training speed; metrics compared across runs, GPUs and papers
+    must not carry its 10-bit mantissa.
+    """
+    settings = _precision_settings()
+    saved = [holder.fp32_precision for holder in settings]
+    saved_matmul = _readable(torch.get_float32_matmul_precision)
+    saved_cudnn = _readable(lambda: torch.backends.cudnn.allow_tf32)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        for holder in settings:
+            holder.fp32_precision = "ieee"
+        yield
+    finally:
+        # The legacy setters also write the per-backend settings, so those are restored last.
+        if saved_matmul is not None:
+            torch.set_float32_matmul_precision(saved_matmul)
+        if saved_cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = saved_cudnn
+        for holder, value in zip(settings, saved):
+            holder.fp32_precision = value
+
+
 def evaluate(
     model: torch.nn.Module,
     loader,
@@ -76,19 +129,20 @@ def evaluate(
     channels_last: bool = False,
     num_bins: int = DEFAULT_ECE_BINS,
     collect: bool = False,
-    save_probs: bool = False,
+    save_logits: bool = False,
     progress: bool = False,
 ) -> Evaluation:
-    """Run ``model`` over ``loader`` (this rank's shard) and all-reduce the metric sums.
+    """Run ``model`` over ``loader`` (this rank's shard) in full float32 and all-reduce the metric sums.
 
-    ``collect`` also gathers penultimate pooled features and labels (for recall@k) in dataset order;
-    ``save_probs`` the softmax probabilities too; ``progress`` logs every tenth of the batches.
+    ``collect`` also gathers penultimate pooled features (for recall@k), ``save_logits`` the float32
+    logits; either gathers the labels, all in dataset order on every rank. ``progress`` logs every tenth
+    of the batches.
     """
     meter = ClassificationMeter(num_bins=num_bins, device=device)
-    features, probs, labels = [], [], []
+    features, logits_seen, labels = [], [], []
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32():
         report_every = max(len(loader) // 10, 1)
         for step, (images, target) in enumerate(loader, 1):
             images = images.to(device, non_blocking=True)
@@ -100,21 +154,23 @@ def evaluate(
             meter.update(logits, target)
             if collect:
                 features.append(pooled.float())
+            if save_logits:
+                logits_seen.append(logits.float())
+            if collect or save_logits:
                 labels.append(target)
-                if save_probs:
-                    probs.append(torch.softmax(logits.float(), dim=1))
             if progress and (step % report_every == 0 or step == len(loader)):
                 _logger.info("evaluated %d/%d batches", step, len(loader))
     model.train(was_training)
     meter.all_reduce()
     result = Evaluation(meter)
-    if collect:
+    if collect or save_logits:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total = int(meter.sums[0].item())
-        result.features = _gather_in_order(torch.cat(features), total, world)
         result.labels = _gather_in_order(torch.cat(labels), total, world)
-        if save_probs:
-            result.probs = _gather_in_order(torch.cat(probs), total, world)
+        if collect:
+            result.features = _gather_in_order(torch.cat(features), total, world)
+        if save_logits:
+            result.logits = _gather_in_order(torch.cat(logits_seen), total, world)
     return result
 
 
@@ -129,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", required=True, help="root holding the split (folder or list file)")
     parser.add_argument("--split", default="val", help="folder or list file under --data-dir")
+    parser.add_argument(
+        "--calib-split",
+        default=None,
+        help="held-out folder or list file under --data-dir to fit a temperature on (e.g. calib)",
+    )
     parser.add_argument("--model", default=None, help="timm model name (needed for a plain state_dict)")
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     parser.add_argument("--save-predictions", action="store_true", help="also write predictions.npz")
@@ -154,6 +215,43 @@ def _default_output(checkpoint: Path, split: str) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent) / f"eval-{split}"
 
 
+def _split_index(data_dir, name: str, names: list[str], class_names, num_classes: int):
+    """(source, index) of a split: a folder or list file under ``data_dir``, checked against the model."""
+    source = find_split(data_dir, names)
+    if source is None:
+        raise DataIndexError(f"no '{name}' folder or list file in {data_dir}")
+    # A list file need not name every class; its labels index the model's outputs.
+    listed = source.is_file()
+    index = build_index(
+        source, classes=None if listed else class_names, num_classes=num_classes if listed else None
+    )
+    if index.num_classes != num_classes:
+        raise DataIndexError(f"{source} has {index.num_classes} classes, the model predicts {num_classes}")
+    return source, index
+
+
+def _image_files(index: ImageIndex) -> set[str]:
+    """The index's files with their folders' symlinks resolved (once per folder, not once per image)."""
+    folders, files = {}, set()
+    for i in range(len(index)):
+        folder, name = os.path.split(index.full_path(i))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        files.add(os.path.join(folders[folder], name))
+    return files
+
+
+def _check_held_out(calib_source: Path, calib: ImageIndex, source: Path, evaluated: ImageIndex) -> None:
+    """A temperature fitted on the images it is then judged on flatters NLL and ECE: refuse any overlap
+    (the same split, or a list file naming the evaluated folder's images)."""
+    shared = _image_files(calib) & _image_files(evaluated)
+    if shared:
+        raise DataIndexError(
+            f"--calib-split {calib_source} shares {len(shared)} of its {len(calib)} images with the evaluated "
+            f"split {source} (e.g. {min(shared)}): the temperature must be fitted on held-out images"
+        )
+
+
 def run(args) -> dict:
     ctx = setup_context(args)
     logging.basicConfig(level=logging.INFO if ctx.primary else logging.WARNING, format="%(message)s")
@@ -168,43 +266,75 @@ def run(args) -> dict:
     saved.update({k: v for k, v in overrides.items() if v is not None})
     # A plain state_dict carries no preprocessing: the model's pretrained_cfg fills what flags leave open.
     data_config = resolve_data_config(saved, model=model)
-    source = find_split(args.data_dir, VAL_SPLITS if args.split == "val" else [args.split])
-    if source is None:
-        raise DataIndexError(f"no '{args.split}' folder or list file in {args.data_dir}")
-    index = build_index(source, classes=loaded.class_names if source.is_dir() else None)
-    if index.num_classes != model.num_classes:
-        raise DataIndexError(
-            f"{source} has {index.num_classes} classes, the model predicts {model.num_classes}"
+    names = VAL_SPLITS if args.split == "val" else [args.split]
+    source, index = _split_index(args.data_dir, args.split, names, loaded.class_names, model.num_classes)
+    calib_index = None
+    if args.calib_split is not None:
+        calib_source, calib_index = _split_index(
+            args.data_dir, args.calib_split, [args.calib_split], loaded.class_names, model.num_classes
         )
+        _check_held_out(calib_source, calib_index, source, index)
     transform = build_val_transform(data_config)
-    loader = create_val_loader(
-        index,
-        transform,
-        args.batch_size,
-        num_replicas=ctx.world_size,
-        rank=ctx.rank,
-        workers=args.workers,
-        pin_memory=ctx.device.type == "cuda",
-    )
-    autocast = (
-        (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16))
-        if args.amp
-        else contextlib.nullcontext
-    )
+
+    def loader(split: ImageIndex):
+        return create_val_loader(
+            split,
+            transform,
+            args.batch_size,
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            workers=args.workers,
+            pin_memory=ctx.device.type == "cuda",
+        )
+
+    options = {
+        "autocast": (
+            (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16))
+            if args.amp
+            else contextlib.nullcontext
+        ),
+        "channels_last": args.channels_last,
+        "num_bins": args.ece_bins,
+        "progress": ctx.primary,
+    }
     _logger.info("evaluating %s on %d images of %s", loaded.source, len(index), source)
     result = evaluate(
         model,
-        loader,
+        loader(index),
         ctx.device,
-        autocast=autocast,
-        channels_last=args.channels_last,
-        num_bins=args.ece_bins,
         collect=True,
-        save_probs=args.save_predictions,
-        progress=ctx.primary,
+        save_logits=args.save_predictions or calib_index is not None,
+        **options,
     )
+    calib = None
+    if calib_index is not None:
+        _logger.info("fitting the temperature on %d images of %s", len(calib_index), calib_source)
+        calib = evaluate(model, loader(calib_index), ctx.device, save_logits=True, **options)
     metrics = result.meter.compute()
     if ctx.primary:
+        if calib is not None:
+            temperature = fit_temperature(calib.logits, calib.labels)
+            if temperature in (T_MIN, T_MAX):
+                _logger.warning(
+                    "the NLL on %s is minimal at the search bound T = %g: every image right with a "
+                    "margin (T_MIN) or logits that tell nothing about the labels (T_MAX)",
+                    calib_source,
+                    temperature,
+                )
+            metrics["temperature"] = temperature
+            metrics.update(
+                temperature_scaled_metrics(result.logits, result.labels, temperature, args.ece_bins)
+            )
+            metrics["calib_split"] = str(calib_source)
+            metrics["calib_num_samples"] = len(calib_index)
+            _logger.info(
+                "temperature %.4f (fitted on %s): NLL %.4f  ECE %.2f%%  conf. gap %+.2f%% after scaling",
+                temperature,
+                calib_source,
+                metrics["nll_ts"],
+                metrics["ece_ts"],
+                metrics["conf_gap_ts"],
+            )
         metrics["recall_at_1"] = recall_at_k(
             result.features, result.labels, k=1, chunk_size=args.recall_chunk
         )
@@ -220,7 +350,7 @@ def run(args) -> dict:
         if args.save_predictions:
             np.savez_compressed(
                 out / "predictions.npz",
-                probs=result.probs.cpu().numpy(),
+                probs=torch.softmax(result.logits, dim=1).cpu().numpy(),
                 labels=result.labels.cpu().numpy(),
                 features=result.features.cpu().numpy(),
             )

@@ -1,9 +1,10 @@
 """Classification and calibration metrics as the CS-KD paper reports them.
 
-Top-1/top-5 error, NLL, Brier score and the expected calibration error (ECE, Guo et al. 2017) with
-20 equal-width confidence bins (the paper's choice), accumulated as per-bin sums so that ranks can
-all-reduce them and every validation image counts exactly once; recall@k on penultimate pooled features
-with L2 distance, in chunks so 50,000 images never need an N x N distance matrix.
+Top-1/top-5 error, NLL, Brier score, the expected calibration error (ECE, Guo et al. 2017) with
+20 equal-width confidence bins (the paper's choice) and the confidence gap (mean confidence minus
+accuracy), accumulated as per-bin sums so that ranks can all-reduce them and every validation image counts
+exactly once; recall@k on penultimate pooled features with L2 distance, in chunks so 50,000 images never
+need an N x N distance matrix.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class ClassificationMeter:
     """Accumulates the sums behind top-k error, NLL, Brier and ECE on the logits' device (no host sync).
 
     ``update(logits, target)`` per batch, ``all_reduce()`` once under torch.distributed, ``compute()``.
-    Errors and ECE are reported in percent, as in the paper; NLL and Brier as means.
+    Errors, ECE and ``conf_gap`` (mean confidence minus accuracy; positive when over-confident) are
+    reported in percent, as in the paper; NLL and Brier as means.
     """
 
     def __init__(self, num_bins: int = DEFAULT_ECE_BINS, device: torch.device | str = "cpu"):
@@ -80,12 +82,14 @@ class ClassificationMeter:
         n = float(s[0])
         if n == 0:
             raise ValueError("no samples were evaluated")
+        count, conf_sum, correct_sum = self.bins()
         return {
             "top1_err": 100.0 * (1 - float(s[1]) / n),
             "top5_err": 100.0 * (1 - float(s[2]) / n),
             "nll": float(s[3]) / n,
             "brier": float(s[4]) / n,
-            "ece": 100.0 * ece_from_bins(*self.bins()),
+            "ece": 100.0 * ece_from_bins(count, conf_sum, correct_sum),
+            "conf_gap": 100.0 * float(conf_sum.sum() - correct_sum.sum()) / n,
             "num_samples": int(n),
         }
 
@@ -93,20 +97,23 @@ class ClassificationMeter:
 def recall_at_k(features: torch.Tensor, labels: torch.Tensor, k: int = 1, chunk_size: int = 1024) -> float:
     """Percent of samples with a same-class sample among their k nearest neighbours (L2, self excluded).
 
-    Distances are computed ``chunk_size`` queries at a time, so memory is O(chunk_size * N).
+    Distances are computed ``chunk_size`` queries at a time, so memory is O(chunk_size * N), in float64:
+    cdist's matrix-product form ``|q|^2 + |x|^2 - 2 q.x`` cancels catastrophically in float32 (or TF32)
+    for near neighbours of large norm and picks the wrong one; in float64 it keeps 29 more bits and stays
+    a matrix product (on 2 CPU cores about 8x faster than cdist's difference-based mode).
     """
     n = features.shape[0]
     if labels.shape != (n,):
         raise ValueError(f"labels must be ({n},), got {tuple(labels.shape)}")
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} samples, got {k}")
-    features = features.float()
+    features = features.double()
     hits = 0
     for start in range(0, n, chunk_size):
         query = features[start : start + chunk_size]
-        dist_sq = torch.cdist(query, features).square_()
+        distance = torch.cdist(query, features)
         rows = torch.arange(len(query), device=features.device)
-        dist_sq[rows, rows + start] = float("inf")
-        neighbours = dist_sq.topk(k, dim=1, largest=False).indices
+        distance[rows, rows + start] = float("inf")
+        neighbours = distance.topk(k, dim=1, largest=False).indices
         hits += int((labels[neighbours] == labels[start : start + chunk_size, None]).any(dim=1).sum())
     return 100.0 * hits / n

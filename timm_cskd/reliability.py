@@ -40,7 +40,7 @@ def _arrays(bins):
     return count, acc, conf, filled, ece
 
 
-def plot_reliability(bins: dict, path: str | os.PathLike, title: str | None = None) -> float:
+def plot_reliability(bins: dict, path: str | os.PathLike, title: str | None = None, dpi: int = 120) -> float:
     """Confidence histogram over a reliability diagram (accuracy per bin, the gap to the diagonal
     shaded); returns the ECE in percent, which the title shows."""
     count, acc, conf, filled, ece = _arrays(bins)
@@ -75,12 +75,12 @@ def plot_reliability(bins: dict, path: str | os.PathLike, title: str | None = No
     rel_ax.set_ylabel("accuracy")
     rel_ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return 100 * ece
 
 
-def plot_reliability_overlay(runs: dict[str, dict], path: str | os.PathLike) -> None:
+def plot_reliability_overlay(runs: dict[str, dict], path: str | os.PathLike, dpi: int = 120) -> None:
     """Accuracy against mean confidence per filled bin for several runs in one diagram."""
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
@@ -94,5 +94,5 @@ def plot_reliability_overlay(runs: dict[str, dict], path: str | os.PathLike) -> 
     ax.set_title("Reliability diagram")
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
