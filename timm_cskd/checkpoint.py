@@ -121,6 +121,8 @@ class LoadedModel:
     data_config: dict | None
     class_names: list[str] | None
     train_args: dict | None
+    # The last completed epoch, None for a checkpoint saved mid-epoch or one without training state.
+    epoch: int | None = None
 
 
 def _is_state_dict(obj) -> bool:
@@ -189,8 +191,9 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, ema: bool
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit {model_name}: {str(e).splitlines()[0]}") from e
+    epoch = checkpoint.get("epoch") if checkpoint.get("resume_batch", 0) == 0 else None
     return LoadedModel(
-        model, str(path), checkpoint.get("data_config"), checkpoint.get("class_names"), train_args
+        model, str(path), checkpoint.get("data_config"), checkpoint.get("class_names"), train_args, epoch
     )
 
 

@@ -28,21 +28,29 @@ WEIGHTS = "model.safetensors"
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-def _latest_metrics(checkpoint: Path, metrics_file: str | None) -> dict | None:
-    """Metrics for the card: an evaluate metrics.json if given, else the training run's last summary row."""
+def checkpoint_metrics(
+    loaded: LoadedModel, checkpoint: Path, ema: bool, metrics_file: str | None
+) -> dict | None:
+    """Metrics for the card: an evaluate metrics.json if given, else the training run's validation of
+    exactly these weights, the summary.csv row of the checkpoint's epoch (its ``ema_`` columns for --ema).
+    None when no row matches (a checkpoint saved mid-epoch)."""
     if metrics_file is not None:
         return json.loads(Path(metrics_file).read_text())
     summary = checkpoint.parent / "summary.csv"
-    if checkpoint.is_file() and summary.is_file():
-        with open(summary, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows:
-            last = rows[-1]
-            return {k.removeprefix("eval_"): float(v) for k, v in last.items() if k.startswith("eval_") and v}
-    return None
+    if loaded.epoch is None or not checkpoint.is_file() or not summary.is_file():
+        return None
+    with open(summary, newline="") as f:
+        row = next((r for r in csv.DictReader(f) if r.get("epoch") == str(loaded.epoch)), None)
+    if row is None:
+        return None
+    prefix = "eval_ema_" if ema else "eval_"
+    metrics = {k.removeprefix(prefix): float(v) for k, v in row.items() if k.startswith(prefix) and v}
+    if not ema:
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("ema_")}
+    return metrics or None
 
 
-def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool) -> str:
+def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool, source: str = "") -> str:
     args = loaded.train_args or {}
     lines = [
         "---",
@@ -87,7 +95,14 @@ def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool) 
             ("recall_at_1", "recall@1 (%)"),
             ("num_samples", "validation images"),
         ]
-        lines += ["", "## Measured metrics", "", "| metric | value |", "|---|---|"]
+        lines += [
+            "",
+            "## Measured metrics",
+            "",
+            *([source, ""] if source else []),
+            "| metric | value |",
+            "|---|---|",
+        ]
         lines += [f"| {label} | {metrics[key]:.4g} |" for key, label in names if key in metrics]
     return "\n".join(lines) + "\n"
 
@@ -112,8 +127,14 @@ def export(
     if loaded.class_names:
         model_config["label_names"] = list(loaded.class_names)
     save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
-    metrics = _latest_metrics(Path(checkpoint), metrics_file)
-    (out / "README.md").write_text(model_card(loaded, out.name, metrics, ema), encoding="utf-8")
+    metrics = checkpoint_metrics(loaded, Path(checkpoint), ema, metrics_file)
+    if metrics_file is not None:
+        source = f"From `{Path(metrics_file).name}` (timm_cskd.evaluate)."
+    else:
+        source = f"The training run's validation after epoch {(loaded.epoch or 0) + 1}" + (
+            " (EMA weights)." if ema else "."
+        )
+    (out / "README.md").write_text(model_card(loaded, out.name, metrics, ema, source), encoding="utf-8")
     return out
 
 
