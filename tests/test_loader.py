@@ -62,3 +62,53 @@ def test_loading_leaves_the_global_rngs_alone(folder):
     random.seed(0)
     epoch(loader_for(folder, "-j", "0"), 0)
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_workers_ignore_sigterm_and_leave_it_unblocked(image_folder):
+    """A scheduler's SIGTERM reaches the whole process group: loader workers must survive it so the
+    trainer can save its preemption checkpoint (their mask and disposition as the kernel reports them)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from timm_cskd.config import parse_args
+    from timm_cskd.data import build_index
+    from timm_cskd.data.loader import build_transforms, create_train_loader
+
+    args = parse_args(
+        ["--data-dir", str(image_folder), "-b", "2", "-j", "2", "--img-size", "16", "--crop-pct", "1.0"]
+    )
+    cfg = {
+        "input_size": (3, 16, 16),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+    }
+    loader = create_train_loader(
+        build_index(image_folder),
+        build_transforms(args, cfg)[0],
+        args,
+        num_replicas=1,
+        rank=0,
+        pin_memory=False,
+    )
+    it = iter(loader)
+    next(it)
+    bit = 1 << (signal.SIGTERM - 1)
+    workers = [w.pid for w in it._workers]
+    for pid in workers:
+        status = dict(
+            line.split(":\t", 1)
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if ":\t" in line
+        )
+        assert int(status["SigIgn"], 16) & bit, "a loader worker would die of SIGTERM"
+        assert not int(status["SigBlk"], 16) & bit
+    own = dict(
+        line.split(":\t", 1)
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines()
+        if ":\t" in line
+    )
+    assert not int(own["SigBlk"], 16) & bit, "the trainer must get SIGTERM again once its workers are up"
+    del it

@@ -31,6 +31,7 @@ __all__ = [
     "create_train_loader",
     "create_val_loader",
     "init_loader_worker",
+    "SignalSafeDataLoader",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -146,7 +147,23 @@ def init_loader_worker(_worker_id: int | None = None) -> None:
     it saves its preemption checkpoint. Workers still exit with their parent (torch's watchdog). They
     also drop their inherited copy of the experiment lock, which is the trainer's alone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     close_inherited()
+
+
+class SignalSafeDataLoader(DataLoader):
+    """Starts its worker processes with SIGTERM blocked: a preemption notice that lands while a worker
+    is still starting would otherwise kill it before ``init_loader_worker`` makes it ignore the signal.
+    The trainer receives a notice that arrives meanwhile as soon as the workers are up."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def build_transforms(args, data_config: dict):
@@ -194,7 +211,7 @@ def create_train_loader(
             rank=rank,
             seed=args.seed,
         )
-    return DataLoader(
+    return SignalSafeDataLoader(
         dataset,
         batch_sampler=SeededBatches(batch_sampler, args.seed, rank),
         num_workers=args.workers,
@@ -220,7 +237,7 @@ def create_val_loader(
     dataset = torch.utils.data.Subset(
         ImageIndexDataset(index, transform), range(rank, len(index), num_replicas)
     )
-    return DataLoader(
+    return SignalSafeDataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
