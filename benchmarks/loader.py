@@ -93,7 +93,7 @@ def main():
         )
         train_tf, _ = build_transforms(cfg, DATA_CONFIG)
         torch_loader = create_train_loader(
-            index, train_tf, cfg, num_replicas=1, rank=0, pin_memory=device.type == "cuda"
+            index, train_tf, cfg, batches="anchor", num_replicas=1, rank=0, pin_memory=device.type == "cuda"
         )
         dali_loader, _ = dali.create_dali_loaders(cfg, index, None, DATA_CONFIG, Context(device))
         loaders = {"torch/PIL (timm transforms)": torch_loader, "DALI": dali_loader}

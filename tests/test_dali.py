@@ -75,7 +75,7 @@ def test_batches_follow_the_plan_on_two_ranks(coded_folder, mode):
     anchors = []
     for rank in range(2):
         train, _ = dali.create_dali_loaders(
-            dali_args(mode, batch), index, None, DATA_CONFIG, Context(CPU, 2, rank)
+            dali_args(mode, batch), index, None, DATA_CONFIG, Context(CPU, 2, rank), batches=mode
         )
         sampler = train.batch_sampler
         for epoch in (0, 1):
@@ -102,7 +102,9 @@ def test_labels_equal_the_torch_backend(coded_folder):
     index = build_index(coded_folder)
     args = dali_args("anchor", 3, workers=0)
     train_tf, _ = build_transforms(args, DATA_CONFIG)
-    torch_loader = create_train_loader(index, train_tf, args, num_replicas=1, rank=0, pin_memory=False)
+    torch_loader = create_train_loader(
+        index, train_tf, args, batches="anchor", num_replicas=1, rank=0, pin_memory=False
+    )
     dali_loader, _ = dali.create_dali_loaders(dali_args("anchor", 3), index, None, DATA_CONFIG, Context(CPU))
     for epoch in (0, 4):
         torch_loader.batch_sampler.set_epoch(epoch)
@@ -322,3 +324,16 @@ def test_missing_dali_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "needs NVIDIA DALI" in err and "timm-cskd[dali]" in err
+
+
+def test_resume_saved_at_the_last_batch_of_an_epoch_yields_nothing_then_continues(coded_folder):
+    """A preemption in an epoch's last steps saves position == len: the resumed epoch is empty (as with
+    the torch loader), and the next epoch reads whole."""
+    index = build_index(coded_folder)
+    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU))
+    sampler = train.batch_sampler
+    sampler.load_state_dict(sampler.state_dict(batches_consumed=len(sampler)) | {"epoch": 3})
+    sampler.set_epoch(3)
+    assert list(train) == []
+    sampler.set_epoch(4)
+    assert len(epoch_indices(train, index)) == len(sampler)

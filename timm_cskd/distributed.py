@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
 
 __all__ = ["Context", "setup_context"]
+
+# How long ranks wait for rank 0's one-off work (scanning a dataset on network storage can take many
+# minutes); the training process group keeps NCCL's default, so a hung step is still caught quickly.
+SLOW_WORK_TIMEOUT = timedelta(hours=3)
 
 
 @dataclass
@@ -20,6 +25,8 @@ class Context:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
+    # A gloo group with a long timeout, for waiting on rank 0's one-off work.
+    slow_group: object = None
 
     @property
     def distributed(self) -> bool:
@@ -33,11 +40,12 @@ class Context:
         if self.distributed:
             dist.barrier()
 
-    def fail_together(self, error: Exception | None) -> None:
+    def fail_together(self, error: Exception | None, slow: bool = False) -> None:
         """Raise on every rank if any rank failed, so no rank waits forever in its next collective.
 
         Each rank passes the exception it caught (or None); all ranks raise the first failing rank's
-        error with that rank and its host named. Single process: re-raises ``error``.
+        error with that rank and its host named. Single process: re-raises ``error``. ``slow`` waits on
+        the long-timeout group, after rank-0 work that may take many minutes.
         """
         if not self.distributed:
             if error is not None:
@@ -45,7 +53,7 @@ class Context:
             return
         reports = [None] * self.world_size
         mine = None if error is None else (error, socket.gethostname())
-        dist.all_gather_object(reports, mine)
+        dist.all_gather_object(reports, mine, group=self.slow_group if slow else None)
         for rank, report in enumerate(reports):
             if report is not None:
                 failure, host = report
@@ -79,6 +87,8 @@ def setup_context(args) -> Context:
         rank=info["global_rank"],
         local_rank=info["local_rank"],
     )
+    if ctx.distributed:
+        ctx.slow_group = dist.new_group(backend="gloo", timeout=SLOW_WORK_TIMEOUT)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -4,7 +4,9 @@ A job re-submitted while the first still runs, or ``--resume auto`` started twic
 two trainers overwrite each other's checkpoints. ``flock`` locks belong to the open file: the kernel
 drops them when the holder exits, is killed or its node reboots, so a stale lock from a killed run never
 blocks the next one, and no pid-file guesswork is needed. The file records who holds it, for the error.
-On network file systems flock is as reliable as the mount's lock support (NFSv4: yes).
+On NFSv4 a lock held by a node that died stays until the server's lease expires (about 90 s): a
+holder on another host is waited for that long. File systems without flock (Lustre mounted ``noflock``)
+run unlocked, with a warning.
 
 A forked child (a DataLoader worker) shares the lock's open file: ``close_inherited()`` in the child
 drops its copy, so a killed trainer's lock is free at once, not when its last worker notices.
@@ -13,8 +15,10 @@ drops its copy, so a killed trainer's lock is free at once, not when its last wo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -24,11 +28,16 @@ from pathlib import Path
 __all__ = ["RunLock", "RunLockedError", "LOCK_NAME", "close_inherited"]
 
 LOCK_NAME = ".run.lock"
-# How long to wait for a lock whose recorded holder is dead on this host: a forked child of that
-# holder (one we could not make drop its copy) still holds it until it notices and exits.
+# How long to wait for a lock whose recorded holder is dead on this host (a forked child of that holder
+# we could not make drop its copy holds it until it notices and exits), or lives on another host (a dead
+# node's NFSv4 lock lasts until the server's lease expires).
 ORPHAN_GRACE_S = 30.0
+REMOTE_GRACE_S = 150.0
+# flock errors that mean "this file system has no locks", not "someone holds it".
+NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
 
 _held_fds: set[int] = set()
+_logger = logging.getLogger(__name__)
 
 
 def close_inherited() -> None:
@@ -64,34 +73,23 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
-    def _orphaned(self, info: dict) -> bool:
-        return (
-            info.get("host") == socket.gethostname()
-            and isinstance(info.get("pid"), int)
-            and not _alive(info["pid"])
-        )
+    def _grace(self, info: dict) -> float:
+        """Seconds worth waiting for the recorded holder's lock to go: 0 for a live local process."""
+        if info.get("host") != socket.gethostname():
+            return REMOTE_GRACE_S
+        pid = info.get("pid")
+        return ORPHAN_GRACE_S if isinstance(pid, int) and not _alive(pid) else 0.0
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + ORPHAN_GRACE_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if self._orphaned(self.holder()) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    continue
+        try:
+            locked = self._wait_for_lock(fd)
+        except BaseException:
             os.close(fd)
-            info = self.holder()
-            since = (
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"])) if "since" in info else "?"
-            )
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another run (pid {info.get('pid', '?')} on host "
-                f"{info.get('host', '?')}, since {since}: {info.get('command', '?')}); wait for it to end, "
-                "stop it, or pick another --experiment"
-            ) from None
+            raise
+        if not locked:
+            os.close(fd)
+            return
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -102,6 +100,38 @@ class RunLock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
         _held_fds.add(fd)
+
+    def _wait_for_lock(self, fd: int) -> bool:
+        """True once locked, False on a file system without locks; raises while another run holds it."""
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                info = self.holder()
+                if time.monotonic() - start < self._grace(info):
+                    time.sleep(0.5)
+                    continue
+                raise self._locked_error(info) from None
+            except OSError as e:
+                if e.errno not in NO_LOCKS:
+                    raise
+                _logger.warning(
+                    "%s: this file system has no flock (%s); running without protection against a second "
+                    "run in the same experiment folder",
+                    self.path.parent,
+                    os.strerror(e.errno),
+                )
+                return False
+
+    def _locked_error(self, info: dict) -> RunLockedError:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"])) if "since" in info else "?"
+        return RunLockedError(
+            f"{self.path.parent} is in use by another run (pid {info.get('pid', '?')} on host "
+            f"{info.get('host', '?')}, since {since}: {info.get('command', '?')}); wait for it to end, stop "
+            f"it, or pick another --experiment (if that run's node is gone for good, delete {self.path})"
+        )
 
     def release(self) -> None:
         if self._fd is not None:

@@ -43,12 +43,25 @@ def _class_layout(labels: np.ndarray, order: np.ndarray):
     return slot_start, slot_size, slot_rank
 
 
+def saved_position(state: dict, defaults=None) -> int:
+    """The global plan position a sampler ``state_dict`` records. First-release states saved batches of
+    their own size on their own rank count; ``defaults`` (a sampler) fills what such a state omits."""
+    if "units_consumed" in state:
+        return state["units_consumed"]
+    batch_size = state.get("batch_size", getattr(defaults, "batch_size", 1))
+    k = batch_size // 2 if state.get("mode", getattr(defaults, "mode", "")) == "paired" else batch_size
+    return (
+        state.get("batches_consumed", 0) * k * state.get("num_replicas", getattr(defaults, "num_replicas", 1))
+    )
+
+
 class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
     """A seeded per-epoch plan of units (one column, or first and partner columns), sharded over ranks
     from a global position. Subclasses define ``plan()``, ``_num_units`` and ``units_per_batch``."""
 
     mode: str
     units_per_batch: int
+    num_columns: int  # indices per unit: 2 for (first, partner), 1 for plain images
     _num_units: int
 
     def _setup(self, batch_size, num_replicas, rank, seed, drop_last):
@@ -117,14 +130,6 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
             "batch_size": self.batch_size,
         }
 
-    def _saved_units(self, state: dict) -> int:
-        if "units_consumed" in state:
-            return state["units_consumed"]
-        # First-release checkpoints saved batches of their own size on their own rank count.
-        batch_size = state.get("batch_size", self.batch_size)
-        k = batch_size // 2 if state.get("mode", self.mode) == "paired" else batch_size
-        return state["batches_consumed"] * k * state.get("num_replicas", self.num_replicas)
-
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the rank count and batch size may differ from the saved ones."""
         for key in ("seed", "mode"):
@@ -132,7 +137,7 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
                 raise ValueError(
                     f"sampler state was saved with {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
                 )
-        units = self._saved_units(state)
+        units = saved_position(state, self)
         if not 0 <= units <= self._num_units:
             raise ValueError(f"saved position {units} outside the epoch's [0, {self._num_units}]")
         self.epoch = state["epoch"]
@@ -178,6 +183,8 @@ class ClassPairSampler(_PlanBatchSampler):
     ``rank`` default to the initialised process group; ``set_epoch`` reshuffles as in DistributedSampler.
     ``state_dict()``/``load_state_dict()`` resume at the exact next batch of an interrupted epoch.
     """
+
+    num_columns = 2
 
     def __init__(
         self,
@@ -259,6 +266,7 @@ class ShuffledBatchSampler(_PlanBatchSampler):
     elastic position), for a cross-entropy baseline without class pairs."""
 
     mode = "plain"
+    num_columns = 1
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The NVIDIA DALI data backend, driven by ClassPairSampler's epoch plan.
+"""The NVIDIA DALI data backend, driven by the sampler's epoch plan (class pairs or plain batches).
 
 DALI's file reader cannot express class pairs, and its shuffle only mixes within a buffer, so the plan
 decides the order: a parallel per-sample ``fn.external_source`` reads the encoded bytes of plan position
@@ -15,8 +15,9 @@ is found by decoding the failing batches' files one by one, logged with its path
 pipeline restarts at the same batch.
 
 The reader workers are spawned, not forked: the trainer has initialised CUDA by the time the pipeline
-is built, and DALI refuses to fork a process with a CUDA context. They ignore SIGTERM (the trainer
-saves its preemption checkpoint, then exits) and exit by themselves when the trainer is gone.
+is built, and DALI refuses to fork a process with a CUDA context. A scheduler's SIGTERM does not stop
+them (the trainer saves its preemption checkpoint, then exits) and they leave with the trainer
+(``timm_cskd.data.workers``).
 """
 
 from __future__ import annotations
@@ -28,17 +29,15 @@ import math
 import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
-import threading
-import time
 
 import numpy as np
 import torch
 
 from timm_cskd.config import ConfigError
 from timm_cskd.data.index import ImageIndex
-from timm_cskd.sampler import ClassPairSampler
+from timm_cskd.data.loader import create_batch_sampler
+from timm_cskd.data.workers import become_worker, stop_signal_blocked
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -141,19 +140,11 @@ class _GoodFiles:
         raise RuntimeError(f"no image of class {int(self.labels[i])} under {self.root} can be read whole")
 
 
-def _exit_with_parent() -> None:
-    """In a spawned reader: ignore SIGTERM and leave as soon as the trainer process is gone."""
-    if multiprocessing.parent_process() is None:
-        return  # unpickled in the trainer itself: nothing to do
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="timm-cskd-parent-watch", daemon=True).start()
+def _in_reader() -> None:
+    """In a spawned reader (not when unpickled in the trainer): SIGTERM only from the trainer counts,
+    and the reader leaves with it."""
+    if multiprocessing.parent_process() is not None:
+        become_worker()
 
 
 class _PlanSource:
@@ -167,7 +158,7 @@ class _PlanSource:
     def __init__(
         self,
         index: ImageIndex,
-        sampler: ClassPairSampler,
+        sampler,
         first_epoch: int,
         start: int,
         excluded: frozenset[int],
@@ -181,7 +172,7 @@ class _PlanSource:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        _exit_with_parent()
+        _in_reader()
 
     def _plan_for(self, epoch_idx: int) -> np.ndarray:
         if self._epoch != epoch_idx:
@@ -198,11 +189,16 @@ class _PlanSource:
         return encoded, np.array(self.labels[plan[info.idx_in_epoch]], dtype=np.int64)
 
 
-def _flat_plan(sampler: ClassPairSampler, start: int) -> np.ndarray:
-    """This rank's dataset indices from plan position ``start``, batch after batch ``[first; partners]``."""
-    first, partner = sampler.rank_plan(start)
-    k = sampler.pairs_per_batch
-    return np.concatenate((first.reshape(-1, k), partner.reshape(-1, k)), axis=1).ravel()
+def _flat_plan(sampler, start: int) -> np.ndarray:
+    """This rank's dataset indices from plan position ``start``, batch after batch (``[first; partners]``
+    for class pairs), as the torch loader's batch sampler yields them."""
+    columns = sampler.rank_plan(start)
+    k = sampler.units_per_batch
+    return np.concatenate([column.reshape(-1, k) for column in columns], axis=1).ravel()
+
+
+def _images_per_batch(sampler) -> int:
+    return sampler.units_per_batch * sampler.num_columns
 
 
 def _is_decode_error(error: Exception) -> bool:
@@ -215,12 +211,12 @@ def _decoder_message(error: Exception) -> str:
     return next((line for line in lines if "failure" in line or "Failed" in line), lines[-1])
 
 
-def _decodes(encoded: np.ndarray, device_id: int | None) -> bool:
-    """Whether DALI's decoder (on the training device) decodes this one file."""
+def _decodes(files: list[np.ndarray], device_id: int | None) -> bool:
+    """Whether DALI's decoder (on the training device) decodes all of ``files`` in one batch."""
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    @pipeline_def(batch_size=len(files), num_threads=2, device_id=device_id, prefetch_queue_depth=1)
     def probe():
-        data = fn.external_source(source=lambda: [encoded], batch=True, dtype=types.UINT8)
+        data = fn.external_source(source=lambda: files, batch=True, dtype=types.UINT8)
         return fn.decoders.image(
             data, device="mixed" if device_id is not None else "cpu", output_type=types.RGB
         )
@@ -234,6 +230,20 @@ def _decodes(encoded: np.ndarray, device_id: int | None) -> bool:
     finally:
         del pipe
     return True
+
+
+def _undecodable(files: dict[int, np.ndarray], device_id: int | None) -> list[int]:
+    """The keys of ``files`` DALI cannot decode, by bisection: about 2 log2(n) batch decodes per bad
+    file instead of one pipeline per file, so a large window costs seconds while other ranks wait."""
+    if not files or _decodes(list(files.values()), device_id):
+        return []
+    if len(files) == 1:
+        return list(files)
+    keys = list(files)
+    half = len(keys) // 2
+    return _undecodable({k: files[k] for k in keys[:half]}, device_id) + _undecodable(
+        {k: files[k] for k in keys[half:]}, device_id
+    )
 
 
 def dali_device_id(device: torch.device) -> int | None:
@@ -292,13 +302,15 @@ class _DaliLoader:
             )
 
     def _exclude_undecodable(self, error: RuntimeError, items: np.ndarray, where: str) -> None:
-        """After a decoder error: decode ``items`` one by one, exclude the failures, or re-raise naming them."""
+        """After a decoder error: find which of ``items`` DALI cannot decode, exclude them, or re-raise
+        naming the files when each decodes."""
         files = _GoodFiles(self.index, frozenset(self.excluded), self._report_dir)
-        found = []
+        readable = {}
         for i in dict.fromkeys(int(i) for i in items):
             encoded, used = files.get(i)
-            if used == i and not _decodes(encoded, self.device_id):
-                found.append(i)
+            if used == i:  # a substituted file never reached the decoder
+                readable[i] = encoded
+        found = _undecodable(readable, self.device_id)
         self.log_reports()
         if not found:
             paths = ", ".join(self.index.full_path(i) for i in dict.fromkeys(int(i) for i in items))
@@ -315,13 +327,13 @@ class _DaliLoader:
 
 
 class DaliTrainLoader(_DaliLoader):
-    """Iterates training batches ``[first; partners]`` for ``batch_sampler``'s current epoch and position."""
+    """Iterates training batches (``[first; partners]`` for class pairs) for ``batch_sampler``'s current
+    epoch and position."""
 
-    def __init__(
-        self, index: ImageIndex, batch_sampler: ClassPairSampler, data_config: dict, args, device_id
-    ):
+    def __init__(self, index: ImageIndex, batch_sampler, data_config: dict, args, device_id):
         super().__init__(index, device_id, args.channels_last)
         self.batch_sampler, self.data_config, self.args = batch_sampler, data_config, args
+        self._batch_images = _images_per_batch(batch_sampler)
         self._iterator, self._next_epoch = None, None
 
     def __len__(self) -> int:
@@ -342,7 +354,7 @@ class DaliTrainLoader(_DaliLoader):
         )
 
         @pipeline_def(
-            batch_size=2 * self.batch_sampler.pairs_per_batch,
+            batch_size=self._batch_images,
             num_threads=max(args.workers, 1),
             device_id=device_id,
             seed=args.seed * 1000 + rank,
@@ -372,10 +384,12 @@ class DaliTrainLoader(_DaliLoader):
             return images, labels.gpu() if device_id is not None else labels
 
         pipe = pipeline()
-        pipe.build()
-        self._iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], auto_reset=True, last_batch_policy=LastBatchPolicy.DROP
-        )
+        # The readers inherit the blocked mask across spawn, so none can die of SIGTERM while starting.
+        with stop_signal_blocked():
+            pipe.build()
+            self._iterator = DALIGenericIterator(
+                pipe, ["images", "labels"], auto_reset=True, last_batch_policy=LastBatchPolicy.DROP
+            )
 
     def __iter__(self):
         sampler = self.batch_sampler
@@ -386,6 +400,10 @@ class DaliTrainLoader(_DaliLoader):
         if epoch != self._next_epoch or start != 0:
             self._iterator = None
         self._next_epoch = epoch + 1
+        if batch >= len(self):
+            # Saved at the epoch's last batch (or re-sharded into less than one step): nothing left.
+            self._iterator = None
+            return
         while True:
             try:
                 if self._iterator is None:
@@ -401,7 +419,7 @@ class DaliTrainLoader(_DaliLoader):
                     raise
                 self._iterator = None
                 start = sampler.state_dict(batches_consumed=batch)["units_consumed"]
-                window = _flat_plan(sampler, start)[: PROBE_WINDOW * 2 * sampler.pairs_per_batch]
+                window = _flat_plan(sampler, start)[: PROBE_WINDOW * self._batch_images]
                 # The same batch again next time round the loop, its undecodable files substituted.
                 self._exclude_undecodable(e, window, f"batch {batch + 1} of epoch {epoch + 1}")
         self.log_reports()
@@ -485,18 +503,25 @@ class DaliValLoader(_DaliLoader):
         self.log_reports()
 
 
-def create_dali_loaders(args, train_index: ImageIndex, val_index: ImageIndex | None, data_config: dict, ctx):
-    """One pipeline per rank on its own GPU (CPU operators when the device is the CPU)."""
-    if args.plain_sampler:
-        raise ConfigError("--data-backend dali reads the class-pair plan; drop --plain-sampler")
+def create_dali_loaders(
+    args,
+    train_index: ImageIndex,
+    val_index: ImageIndex | None,
+    data_config: dict,
+    ctx,
+    batches: str = "anchor",
+    views: int = 1,
+):
+    """One pipeline per rank on its own GPU (CPU operators when the device is the CPU), reading the plan
+    a method's ``batches`` declaration asks for."""
+    if views != 1:
+        raise ConfigError(
+            f"--data-backend dali decodes one augmented view per image; this method needs {views}: "
+            "use --data-backend torch"
+        )
     device_id = dali_device_id(ctx.device)
-    sampler = ClassPairSampler(
-        train_index.labels,
-        args.batch_size,
-        mode="paired" if args.cskd_mode == "paired" else "anchor",
-        num_replicas=ctx.world_size,
-        rank=ctx.rank,
-        seed=args.seed,
+    sampler = create_batch_sampler(
+        train_index, batches, args.batch_size, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed
     )
     train = DaliTrainLoader(train_index, sampler, data_config, args, device_id)
     val = None

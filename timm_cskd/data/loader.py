@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import logging
 import random
-import signal
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from timm_cskd.data.index import ImageIndex
+from timm_cskd.data.workers import become_worker, stop_signal_blocked
 from timm_cskd.run_lock import close_inherited
 from timm_cskd.sampler import ClassPairSampler, ShuffledBatchSampler
 
@@ -28,6 +28,7 @@ __all__ = [
     "SeededBatches",
     "build_transforms",
     "build_val_transform",
+    "create_batch_sampler",
     "create_train_loader",
     "create_val_loader",
     "init_loader_worker",
@@ -42,6 +43,7 @@ class ImageIndexDataset(Dataset):
 
     A file that fails to decode is logged once, counted in ``failures``, and replaced by the next
     classmate that decodes, so a 90-epoch run never dies on one bad file and pairs stay same-class.
+    ``transform`` may be a list: each item is then a tuple of independently augmented views.
     """
 
     def __init__(self, index: ImageIndex, transform=None):
@@ -84,6 +86,9 @@ class ImageIndexDataset(Dataset):
                         "skipping undecodable image %s (%s: %s)", self.index.full_path(i), type(e).__name__, e
                     )
                 i = self._replacement(i)
+        if isinstance(self.transform, list | tuple):
+            with _seeded(seed):
+                return tuple(transform(img) for transform in self.transform), target
         if self.transform is not None:
             with _seeded(seed):
                 img = self.transform(img)
@@ -142,43 +147,47 @@ class SeededBatches(torch.utils.data.Sampler[list[tuple[int, int]]]):
 
 
 def init_loader_worker(_worker_id: int | None = None) -> None:
-    """Loader workers ignore SIGTERM. A scheduler's preemption (SLURM, ``scancel``, ``kill -- -PGID``)
-    signals the whole process group: a worker that died of it would make the main process raise before
-    it saves its preemption checkpoint. Workers still exit with their parent (torch's watchdog). They
-    also drop their inherited copy of the experiment lock, which is the trainer's alone."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    """A loader worker survives a scheduler's group-wide SIGTERM (the trainer saves its preemption
+    checkpoint first) and exits on its parent's (see ``timm_cskd.data.workers``). It also drops its
+    inherited copy of the experiment lock, which is the trainer's alone."""
+    become_worker()
     close_inherited()
 
 
 class SignalSafeDataLoader(DataLoader):
     """Starts its worker processes with SIGTERM blocked: a preemption notice that lands while a worker
-    is still starting would otherwise kill it before ``init_loader_worker`` makes it ignore the signal.
-    The trainer receives a notice that arrives meanwhile as soon as the workers are up."""
+    is still starting would otherwise kill it before ``init_loader_worker`` runs. The trainer receives
+    a notice that arrives meanwhile as soon as the workers are up."""
 
     def _get_iterator(self):
         if self.num_workers == 0:
             return super()._get_iterator()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
+        with stop_signal_blocked():
             return super()._get_iterator()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def build_transforms(args, data_config: dict):
-    """timm transforms: random-resized-crop + flip for training, resize + centre crop for validation."""
-    train = create_transform(
-        input_size=data_config["input_size"],
-        is_training=True,
-        scale=tuple(args.scale),
-        ratio=tuple(args.ratio),
-        hflip=args.hflip,
-        color_jitter=args.color_jitter or None,
-        interpolation=args.train_interpolation,
-        mean=data_config["mean"],
-        std=data_config["std"],
-    )
+def build_transforms(args, data_config: dict, views: list[dict] | None = None):
+    """timm transforms: random-resized-crop + flip for training, resize + centre crop for validation.
+
+    ``views`` (a method's declaration) gives one dict of ``create_transform`` overrides per augmented
+    view; with more than one the training transform is a list, one per view."""
+
+    def train_transform(**overrides):
+        kwargs = dict(
+            input_size=data_config["input_size"],
+            is_training=True,
+            scale=tuple(args.scale),
+            ratio=tuple(args.ratio),
+            hflip=args.hflip,
+            color_jitter=args.color_jitter or None,
+            interpolation=args.train_interpolation,
+            mean=data_config["mean"],
+            std=data_config["std"],
+        )
+        return create_transform(**{**kwargs, **overrides})
+
+    views = views or [{}]
+    train = train_transform(**views[0]) if len(views) == 1 else [train_transform(**v) for v in views]
     return train, build_val_transform(data_config)
 
 
@@ -194,23 +203,25 @@ def build_val_transform(data_config: dict):
     )
 
 
+def create_batch_sampler(
+    index: ImageIndex, batches: str, batch_size: int, *, num_replicas: int, rank: int, seed: int
+):
+    """The epoch plan a method's ``batches`` declaration asks for: plain shuffled images, class-pair
+    anchors with partners (``anchor``), or a partition into same-class pairs (``paired``)."""
+    if batches == "plain":
+        return ShuffledBatchSampler(len(index), batch_size, num_replicas=num_replicas, rank=rank, seed=seed)
+    return ClassPairSampler(
+        index.labels, batch_size, mode=batches, num_replicas=num_replicas, rank=rank, seed=seed
+    )
+
+
 def create_train_loader(
-    index: ImageIndex, transform, args, *, num_replicas: int, rank: int, pin_memory: bool
+    index: ImageIndex, transform, args, *, batches: str, num_replicas: int, rank: int, pin_memory: bool
 ):
     dataset = ImageIndexDataset(index, transform)
-    if args.cskd_mode == "off" and args.plain_sampler:
-        batch_sampler = ShuffledBatchSampler(
-            len(index), args.batch_size, num_replicas=num_replicas, rank=rank, seed=args.seed
-        )
-    else:
-        batch_sampler = ClassPairSampler(
-            index.labels,
-            args.batch_size,
-            mode="paired" if args.cskd_mode == "paired" else "anchor",
-            num_replicas=num_replicas,
-            rank=rank,
-            seed=args.seed,
-        )
+    batch_sampler = create_batch_sampler(
+        index, batches, args.batch_size, num_replicas=num_replicas, rank=rank, seed=args.seed
+    )
     return SignalSafeDataLoader(
         dataset,
         batch_sampler=SeededBatches(batch_sampler, args.seed, rank),
