@@ -13,14 +13,14 @@ every row so a run killed part-way still leaves the rows it finished. Exit statu
 
 Correctness rows (PASS / FAIL / SKIP, each with what was measured):
 
-1. bf16 CS-KD steps: the fused loss through ``CSKDTask`` (anchor and paired modes) under bf16
+1. bf16 CS-KD steps: the fused loss through the ``cskd``/``cskd-paired`` methods (anchor and paired modes) under bf16
    autocast stays finite and falls over a few SGD steps on a fixed batch.
 2. fp16 GradScaler: fp16 autocast + ``torch.amp.GradScaler`` with growth_interval 2. The fused loss
    (anchor and paired) must produce the same scale sequence as plain cross-entropy on an identical
    model copy and data, with no skipped step. This catches a backward that multiplies by the scale in
    fp16 (65536 is inf in fp16, so every step at 2^16 would be skipped).
 3. channels_last: model and input in channels_last give the same bf16 loss and gradient as contiguous.
-4. torch.compile: a model compiled with ``CSKDTask.compile()`` matches eager on one train step (loss,
+4. torch.compile: a model compiled with the method's ``compile()`` matches eager on one train step (loss,
    gradient, the loss after the optimizer step). SKIP only when no C compiler is on PATH.
 5. DDP 1-process: an NCCL (gloo on CPU) process group of world size 1 on a free localhost port, the
    task wrapped with ``prepare_distributed``, one step whose gradients equal an unwrapped copy's, and
@@ -65,11 +65,11 @@ from timm.optim import create_optimizer_v2
 from timm_cskd.loss import cskd_loss
 
 try:
-    from timm_cskd.task import CSKDTask
+    from timm_cskd.methods import get_method, method_hparams
 except ImportError as e:
-    # timm_cskd.task needs timm>=1.0.29 (timm.task): on a machine with an older timm every training
+    # timm_cskd.methods needs timm>=1.0.29 (timm.task): on a machine with an older timm every training
     # row fails with this message while the loss rows still run.
-    CSKDTask = None
+    get_method = None
     TASK_IMPORT_ERROR = f"{type(e).__name__}: {e} (timm {timm.__version__}; timm_cskd needs timm>=1.0.29)"
 
 GPU_DEFAULTS = dict(
@@ -177,10 +177,15 @@ def make_batch(env: Env, mode: str, size: int, seed: int = 0, channels_last: boo
     return images, target.to(env.device)
 
 
-def make_task(model, mode: str) -> CSKDTask:
-    if CSKDTask is None:
+METHOD_OF_MODE = {"off": "ce", "anchor": "cskd", "paired": "cskd-paired"}
+
+
+def make_task(model, mode: str):
+    """The trainer's method for a mode: ``ce`` on plain batches, ``cskd`` and ``cskd-paired`` on pairs."""
+    if get_method is None:
         raise RuntimeError(TASK_IMPORT_ERROR)
-    return CSKDTask(model, mode=mode, pair_batches=mode != "off", verbose=False)
+    cls = get_method(METHOD_OF_MODE[mode])
+    return cls(model, method_hparams(cls, {}))
 
 
 def autocast(env: Env, dtype: torch.dtype | None):

@@ -19,7 +19,7 @@ import time
 import timm
 import torch
 
-from timm_cskd.task import CSKDTask
+from timm_cskd.methods import get_method, method_hparams
 
 MODES = ("off", "anchor", "paired")
 LABEL = {"off": "CE", "anchor": "CS-KD anchor", "paired": "CS-KD paired"}
@@ -64,7 +64,10 @@ def main():
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    tasks = {mode: CSKDTask(model, mode=mode, pair_batches=mode != "off") for mode in MODES}
+    names = {"off": "ce", "anchor": "cskd", "paired": "cskd-paired"}
+    tasks = {
+        mode: get_method(names[mode])(model, method_hparams(get_method(names[mode]), {})) for mode in MODES
+    }
     batches = {
         m: make_batch(m, args.batch_size, args.img_size, args.num_classes, device, args.channels_last)
         for m in MODES

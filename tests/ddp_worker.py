@@ -18,7 +18,7 @@ import torch
 from timm.utils.model import unwrap_model
 
 from timm_cskd.config import parse_args
-from timm_cskd.sampler import ClassPairSampler
+from timm_cskd.sampler import _PlanBatchSampler
 from timm_cskd.train import Trainer
 
 
@@ -30,7 +30,7 @@ def instrument():
     crash_at = int(os.environ.get("CRASH_AT_STEP", 0))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
-    plan_iter = ClassPairSampler.__iter__
+    plan_iter = _PlanBatchSampler.__iter__
 
     def recording_iter(self):
         for batch in plan_iter(self):
@@ -51,7 +51,7 @@ def instrument():
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
-    ClassPairSampler.__iter__ = recording_iter
+    _PlanBatchSampler.__iter__ = recording_iter
     Trainer._train_step = step
 
 

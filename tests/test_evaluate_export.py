@@ -280,7 +280,7 @@ def test_export_round_trip_into_timm(tmp_path, name):
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and tuple(cfg["std"]) == (0.25, 0.25, 0.25)
     assert loaded.pretrained_cfg["label_names"] == classes
     assert cfg["tag"] == "cskd", "the architecture's default weight tag must not describe our weights"
-    assert "anchor" in (out / "README.md").read_text()
+    assert "| method | cskd |" in (out / "README.md").read_text()
 
 
 def test_export_errors_are_clear(tmp_path, capsys, monkeypatch):
@@ -329,3 +329,22 @@ def test_model_card_shows_the_validation_of_the_exported_weights(trained, tmp_pa
     assert f"after epoch {epoch + 1}" in card
     for key, label in (("top1_err", "top-1 error (%)"), ("nll", "NLL"), ("ece", "ECE, 20 bins (%)")):
         assert f"| {label} | {float(row[prefix + key]):.4g} |" in card, (key, card)
+
+
+def test_model_card_takes_the_epochs_last_validation(trained, tmp_path):
+    """A run killed between writing an epoch's summary row and its checkpoint validates that epoch
+    again on resume: the checkpoint holds the second pass's weights, the last row of the epoch."""
+    import csv
+    import shutil
+
+    _, run_dir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with open(copy / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    epoch = torch.load(copy / "last.pth.tar", weights_only=True)["epoch"]
+    again = next(r for r in rows if r["epoch"] == str(epoch)) | {"eval_top1_err": "12.5"}
+    with open(copy / "summary.csv", "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerow(again)
+    card = (export.export(copy / "last.pth.tar", tmp_path / "card") / "README.md").read_text()
+    assert "| top-1 error (%) | 12.5 |" in card

@@ -64,12 +64,12 @@ def test_each_mode_trains_and_loss_falls(data_dir, tmp_path, extra):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert metrics["num_samples"] == 20
     for row in rows:
-        loss, ce, cls = (float(row[k]) for k in ("train_loss", "train_ce", "train_cls"))
-        assert loss == pytest.approx(ce + cls, rel=1e-6)
+        loss, ce, reg = (float(row[k]) for k in ("train_loss", "train_ce", "train_reg"))
+        assert loss == pytest.approx(ce + reg, rel=1e-6)
         if "off" in extra:
-            assert cls == 0.0
+            assert reg == 0.0
         else:
-            assert cls > 0.0
+            assert reg > 0.0
     out = tmp_path / "run"
     assert {"args.yaml", "summary.csv", "log.txt", "last.pth.tar", "model_best.pth.tar"} <= set(
         os.listdir(out)
@@ -381,3 +381,91 @@ def test_non_finite_loss_stops_with_the_step_and_never_saves_bad_weights(data_di
             assert all(
                 torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point()
             )
+
+
+def test_resume_auto_takes_the_furthest_trained_checkpoint_whatever_its_step_unit(tmp_path):
+    """After growing from 4 to 8 ranks an epoch has half the steps: last.pth.tar's step count is lower
+    than an older checkpoint's, but it is further into training."""
+    from timm_cskd.checkpoint import find_resume_checkpoint, save_checkpoint
+
+    def checkpoint(epoch, step, units, old_format=False):
+        sampler = (
+            {"batches_consumed": units // 8, "batch_size": 8, "mode": "anchor", "num_replicas": 1}
+            if old_format
+            else {"units_consumed": units}
+        )
+        return {"state_dict": {}, "global_step": step, "resume_epoch": epoch, "sampler": sampler}
+
+    save_checkpoint(checkpoint(10, 10_000, 0), tmp_path / "last-previous.pth.tar")
+    save_checkpoint(checkpoint(9, 9_000, 0), tmp_path / "model_best.pth.tar")
+    save_checkpoint(checkpoint(10, 5_300, 24_000), tmp_path / "last.pth.tar")
+    path, state = find_resume_checkpoint(tmp_path)
+    assert path.name == "last.pth.tar" and state["global_step"] == 5_300
+    save_checkpoint(checkpoint(10, 10_500, 32_000, old_format=True), tmp_path / "last-previous.pth.tar")
+    assert find_resume_checkpoint(tmp_path)[0].name == "last-previous.pth.tar"
+
+
+def test_a_failed_checkpoint_write_stops_the_run_with_the_path(data_dir, tmp_path, capsys, monkeypatch):
+    from timm_cskd import checkpoint
+
+    def full_disk(state, path, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    assert main(tiny_args(data_dir, tmp_path, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'run' / 'last.pth.tar'}" in err and "No space left" in err
+
+
+def test_sigterm_during_validation_stops_after_the_epoch_save(data_dir, tmp_path, capsys, monkeypatch):
+    """torchrun SIGKILLs 30 s after its SIGTERM: a notice that lands while validating must not start
+    another epoch."""
+    from timm_cskd.train import Trainer
+
+    validate = Trainer.validate
+
+    def validate_then_preempted(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", validate_then_preempted)
+    assert main(tiny_args(data_dir, tmp_path, "--epochs", "3")) == 0
+    assert "saved last.pth.tar at the end of epoch 1, exiting" in capsys.readouterr().out
+    state = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
+    assert (state["resume_epoch"], state["resume_batch"]) == (1, 0)
+    assert len(summary(tmp_path)) == 1
+
+
+def test_lock_on_file_systems_without_flock_and_held_from_another_node(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+    import json
+
+    from timm_cskd import run_lock
+
+    real_flock = fcntl.flock
+    monkeypatch.setattr(
+        fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no flock"))
+    )
+    with caplog.at_level("WARNING"), run_lock.RunLock(tmp_path):
+        pass
+    assert "has no flock" in caplog.text, "Lustre without flock runs unlocked, with a warning"
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+
+    # Another node holds the lock (a live run there, or a dead node's lock until the NFS lease ends).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(60)", str(tmp_path / run_lock.LOCK_NAME)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    (tmp_path / run_lock.LOCK_NAME).write_text(
+        json.dumps({"host": "node17", "pid": 4242, "command": "train"})
+    )
+    monkeypatch.setattr(run_lock, "REMOTE_GRACE_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(run_lock.RunLockedError, match=r"pid 4242 on host node17.*delete .*\.run\.lock"):
+        run_lock.RunLock(tmp_path).acquire()
+    assert time.monotonic() - start >= 1.0, "a remote holder is waited for (NFSv4 lease expiry)"
+    holder.kill()
+    holder.wait()

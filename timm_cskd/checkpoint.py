@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timm_cskd.sampler import saved_position
+
 __all__ = [
     "CheckpointError",
     "LoadedModel",
@@ -77,13 +79,13 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     _fsync_dir(dst.parent)
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> dict:
+def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> dict:
     """torch.load with weights_only=True, turning truncation and foreign files into CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(checkpoint, dict):
@@ -91,25 +93,34 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
+def training_progress(checkpoint: dict) -> tuple[int, int]:
+    """(epoch, samples of it trained): comparable across checkpoints whatever rank count or batch size
+    saved them, unlike the step count, whose unit an elastic resume changes."""
+    return checkpoint.get("resume_epoch", 0), saved_position(checkpoint.get("sampler") or {})
+
+
 def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``folder`` that loads, skipping unreadable ones with a warning."""
+    """The furthest-trained checkpoint in ``folder`` that loads, skipping unreadable ones with a warning.
+
+    Candidates are memory-mapped while compared, so only the chosen one is ever read whole."""
     folder = Path(folder)
-    candidates = [folder / name for name in (LAST, PREVIOUS, BEST) if (folder / name).is_file()]
-    loaded = []
-    for path in candidates:
+    best = None
+    for name in (LAST, PREVIOUS, BEST):
+        path = folder / name
+        if not path.is_file():
+            continue
         try:
-            checkpoint = load_checkpoint_file(path)
+            checkpoint = load_checkpoint_file(path, mmap=True)
         except CheckpointError as e:
             _logger.warning("--resume auto: skipping %s", e)
             continue
         if "state_dict" not in checkpoint or "global_step" not in checkpoint:
             _logger.warning("--resume auto: skipping %s, it is not a timm-cskd training checkpoint", path)
             continue
-        loaded.append((checkpoint["global_step"], path, checkpoint))
-    if not loaded:
-        return None
-    _, path, checkpoint = max(loaded, key=lambda item: item[0])
-    return path, checkpoint
+        progress = training_progress(checkpoint)
+        if best is None or progress > best[0]:
+            best = (progress, path, checkpoint)
+    return None if best is None else best[1:]
 
 
 @dataclass
@@ -123,6 +134,9 @@ class LoadedModel:
     train_args: dict | None
     # The last completed epoch, None for a checkpoint saved mid-epoch or one without training state.
     epoch: int | None = None
+    # The training method and its hyper-parameters, when the checkpoint records them.
+    method: str | None = None
+    method_kwargs: dict | None = None
 
 
 def _is_state_dict(obj) -> bool:
@@ -187,13 +201,26 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, ema: bool
     if num_classes is None:
         num_classes = _classifier_size(model_name, state_dict)
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    method, method_kwargs = (train_args or {}).get("method"), (train_args or {}).get("method_kwargs") or {}
+    if method is not None:
+        from timm_cskd.methods import get_method
+
+        # The method's change to the model (a cosine head, a bias-free classifier) holds these weights.
+        model = get_method(method).adapt_model(model, method_kwargs)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit {model_name}: {str(e).splitlines()[0]}") from e
     epoch = checkpoint.get("epoch") if checkpoint.get("resume_batch", 0) == 0 else None
     return LoadedModel(
-        model, str(path), checkpoint.get("data_config"), checkpoint.get("class_names"), train_args, epoch
+        model,
+        str(path),
+        checkpoint.get("data_config"),
+        checkpoint.get("class_names"),
+        train_args,
+        epoch,
+        method,
+        method_kwargs,
     )
 
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import yaml
+from timm.utils import ParseKwargs
 
 __all__ = ["ConfigError", "build_parser", "parse_args", "load_yaml_defaults"]
 
@@ -91,19 +92,59 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup-prob", type=float, default=1.0)
     aug.add_argument("--mixup-switch-prob", type=float, default=0.5)
 
-    cskd = parser.add_argument_group("CS-KD")
-    cskd.add_argument(
+    method = parser.add_argument_group("method")
+    method.add_argument(
+        "--method",
+        default=None,
+        help="training method (default: cskd, the paper's algorithm); --list-methods describes them all",
+    )
+    method.add_argument(
+        "--method-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="the method's hyper-parameters, e.g. temperature=4 lambda=1 (unknown keys are an error)",
+    )
+    method.add_argument(
+        "--list-methods", action="store_true", help="print every method with its hyper-parameters"
+    )
+    method.add_argument(
         "--cskd-mode",
         choices=("anchor", "paired", "off"),
-        default="anchor",
-        help="anchor: the paper's algorithm; paired: symmetric pairs, CE compute; off: cross-entropy baseline",
+        default=None,
+        help="older spelling of --method: anchor = cskd, paired = cskd-paired, off = ce",
     )
-    cskd.add_argument("--cskd-temperature", type=float, default=4.0)
-    cskd.add_argument("--cskd-lambda", type=float, default=1.0)
-    cskd.add_argument(
+    method.add_argument("--cskd-temperature", type=float, default=None, help="= --method-kwargs temperature=")
+    method.add_argument("--cskd-lambda", type=float, default=None, help="= --method-kwargs lambda=")
+    method.add_argument(
         "--plain-sampler",
         action="store_true",
-        help="with --cskd-mode off: plain shuffled batches (a DistributedSampler) instead of the class-pair sampler",
+        help="accepted with methods that train on plain batches (their default); an error with class-pair methods",
+    )
+
+    kd = parser.add_argument_group("knowledge distillation (an add-on to any method)")
+    kd.add_argument(
+        "--kd-model-name",
+        default=None,
+        help="teacher: a timm model name (pretrained weights), hf-hub:/local-dir: id, training checkpoint, "
+        "exported folder or state_dict (with --kd-model-arch)",
+    )
+    kd.add_argument(
+        "--kd-model-arch", default=None, help="the teacher's timm architecture for a plain state_dict"
+    )
+    kd.add_argument("--kd-temperature", type=float, default=4.0)
+    kd.add_argument(
+        "--distill-loss-weight",
+        type=float,
+        default=None,
+        help="weight of T^2 KL(teacher || student) (default 0.9, or 1 - --task-loss-weight)",
+    )
+    kd.add_argument(
+        "--task-loss-weight",
+        type=float,
+        default=None,
+        help="weight of the CE term under KD (default 0.1; 1.0 when only --distill-loss-weight is given, as timm)",
     )
 
     opt = parser.add_argument_group("optimisation")
@@ -219,6 +260,10 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
         action = valid[dest]
+        if isinstance(action, ParseKwargs) and isinstance(value, list):
+            namespace = argparse.Namespace()
+            action(None, namespace, [str(v) for v in value])
+            value = getattr(namespace, dest)
         if action.type is not None and value is not None and not isinstance(value, list | tuple):
             value = action.type(value)
         if action.choices is not None and value not in action.choices:

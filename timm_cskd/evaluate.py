@@ -30,6 +30,7 @@ from timm.data import resolve_data_config
 
 from timm_cskd.calibration import T_MAX, T_MIN, fit_temperature, temperature_scaled_metrics
 from timm_cskd.checkpoint import CheckpointError, load_model
+from timm_cskd.config import ConfigError
 from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex, build_index, find_split
 from timm_cskd.data.loader import build_val_transform, create_val_loader
 from timm_cskd.distributed import setup_context
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, DataIndexError) as e:
+    except (CheckpointError, DataIndexError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+import timm
+import torch
 from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
@@ -40,7 +42,10 @@ def checkpoint_metrics(
     if loaded.epoch is None or not checkpoint.is_file() or not summary.is_file():
         return None
     with open(summary, newline="") as f:
-        row = next((r for r in csv.DictReader(f) if r.get("epoch") == str(loaded.epoch)), None)
+        # The last row of that epoch: a run killed between its summary row and its checkpoint trains
+        # the epoch again on resume, and the checkpoint holds the weights of that second pass.
+        rows = [r for r in csv.DictReader(f) if r.get("epoch") == str(loaded.epoch)]
+    row = rows[-1] if rows else None
     if row is None:
         return None
     prefix = "eval_ema_" if ema else "eval_"
@@ -64,8 +69,13 @@ def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool, 
         f"# {name}",
         "",
         f"A `{args.get('model', loaded.model.default_cfg.get('architecture'))}` trained with "
-        "[timm-cskd](https://arxiv.org/abs/2003.13964): Class-wise Self-Knowledge Distillation "
-        "(Yun et al., CVPR 2020)" + (", exponential moving average weights." if ema else "."),
+        f"[timm-cskd](https://arxiv.org/abs/2003.13964), method `{loaded.method or 'cskd'}`"
+        + (
+            " (Class-wise Self-Knowledge Distillation, Yun et al., CVPR 2020)"
+            if (loaded.method or "cskd").startswith("cskd")
+            else ""
+        )
+        + (", exponential moving average weights." if ema else "."),
         "",
         "```python",
         "import timm",
@@ -74,8 +84,9 @@ def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool, 
     ]
     if args:
         recipe = [
-            ("CS-KD mode", args.get("cskd_mode")),
-            ("temperature / lambda", f"{args.get('cskd_temperature')} / {args.get('cskd_lambda')}"),
+            ("method", args.get("method", "cskd")),
+            ("method hyper-parameters", ", ".join(f"{k}={v}" for k, v in (loaded.method_kwargs or {}).items()) or "-"),
+            ("knowledge distillation", f"from {args['kd_model_name']}, T {args.get('kd_temperature')}" if args.get("kd_model_name") else "-"),
             ("epochs", args.get("epochs")),
             ("images per step", f"{args.get('batch_size')} per process"),
             ("optimizer", f"{args.get('opt')}, lr {args.get('lr')}, momentum {args.get('momentum')}, weight decay {args.get('weight_decay')}"),
@@ -107,6 +118,24 @@ def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool, 
     return "\n".join(lines) + "\n"
 
 
+def plain_timm_model(loaded: LoadedModel) -> torch.nn.Module:
+    """The trained model as the plain timm architecture, which ``create_model('local-dir:...')`` rebuilds,
+    giving the same logits; a method whose evaluated model has no such form refuses with its reason."""
+    if loaded.method is None:
+        return loaded.model
+    from timm_cskd.methods import get_method
+
+    method = get_method(loaded.method)
+    arch = loaded.model.pretrained_cfg.get("architecture") or (loaded.train_args or {}).get("model")
+    plain = timm.create_model(arch, pretrained=False, num_classes=loaded.model.num_classes)
+    try:
+        state_dict = method.export_state_dict(loaded.model.state_dict(), loaded.method_kwargs or {})
+    except ValueError as e:
+        raise CheckpointError(f"cannot export a --method {loaded.method} model: {e}") from e
+    plain.load_state_dict(state_dict)
+    return plain
+
+
 def export(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -116,7 +145,7 @@ def export(
     metrics_file: str | None = None,
 ) -> Path:
     loaded = load_model(checkpoint, model_name, ema=ema)
-    model = loaded.model.eval()
+    model = plain_timm_model(loaded).eval()
     data_config = resolve_data_config(loaded.data_config or {}, model=model)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,15 +59,27 @@ class _FusedCSKD(torch.autograd.Function):
     """CE + T^2-scaled KL in one float32 (or float64) pass; saves only dL/dlogits."""
 
     @staticmethod
-    def forward(ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves):
+    def forward(
+        ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves, ce_weight
+    ):
         # Autocast would run the dot products below in bf16/fp16: the logged and scaled loss lose digits.
         with torch.autocast(logits.device.type, enabled=False):
             return _FusedCSKD._forward(
-                ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves
+                ctx,
+                logits,
+                target,
+                partner_logits,
+                temperature,
+                lambda_cls,
+                label_smoothing,
+                swap_halves,
+                ce_weight,
             )
 
     @staticmethod
-    def _forward(ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves):
+    def _forward(
+        ctx, logits, target, partner_logits, temperature, lambda_cls, label_smoothing, swap_halves, ce_weight
+    ):
         batch, num_classes = logits.shape
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         z = logits.to(compute_dtype)
@@ -92,6 +104,8 @@ class _FusedCSKD(torch.autograd.Function):
                 grad.add_(soft, alpha=label_smoothing).sub_(label_smoothing / num_classes)
             else:
                 grad.sub_(label_smoothing / num_classes)
+        if ce_weight != 1.0:
+            grad.mul_(ce_weight)
 
         # KL(q || p_T) with q the detached partner distribution at temperature T.
         log_p = torch.log_softmax(z / temperature, dim=1)
@@ -107,7 +121,7 @@ class _FusedCSKD(torch.autograd.Function):
         del log_q
 
         ce_mean, kl_mean = ce / batch, kl / batch
-        loss = ce_mean + lambda_cls * temperature * temperature * kl_mean
+        loss = ce_weight * ce_mean + lambda_cls * temperature * temperature * kl_mean
         grad.add_(log_p.exp_().sub_(q), alpha=lambda_cls * temperature).div_(batch)
 
         # float16 would flush small gradient entries to zero before GradScaler's scale lifts them: keep
@@ -121,7 +135,7 @@ class _FusedCSKD(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In float32: GradScaler's grad_loss (65536 and up) is inf in float16, which would skip every step.
         scaled = grad.to(grad_loss.dtype) * grad_loss
-        return scaled.to(grad.dtype), None, None, None, None, None, None
+        return scaled.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def cskd_loss(
@@ -133,10 +147,12 @@ def cskd_loss(
     lambda_cls: float = 1.0,
     label_smoothing: float = 0.0,
     symmetric: bool = False,
+    ce_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused CS-KD loss; returns ``(total, ce, kl)`` with ``ce`` and ``kl`` detached batch means.
 
-    ``kl`` is the unscaled batch-mean KL: ``total = ce + lambda_cls * T^2 * kl``.
+    ``kl`` is the unscaled batch-mean KL: ``total = ce_weight * ce + lambda_cls * T^2 * kl`` (``ce_weight``
+    0 leaves the distillation term alone, as a second KL target needs).
 
     ``target`` holds class indices ``(B,)`` or soft targets ``(B, C)`` (Mixup). With ``symmetric=True``
     (the paired mode) ``partner_logits`` must be None and ``logits`` holds ``[x; x']``: both halves get CE
@@ -162,6 +178,7 @@ def cskd_loss(
         float(lambda_cls),
         float(label_smoothing),
         symmetric,
+        float(ce_weight),
     )
 
 
@@ -173,7 +190,13 @@ class CSKDLoss(nn.Module):
     ``last_terms`` holds the detached ``(ce, kl)`` of the latest call for logging without recomputation.
     """
 
-    def __init__(self, temperature: float = 4.0, lambda_cls: float = 1.0, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        lambda_cls: float = 1.0,
+        label_smoothing: float = 0.0,
+        ce_weight: float = 1.0,
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -184,6 +207,7 @@ class CSKDLoss(nn.Module):
         self.temperature = temperature
         self.lambda_cls = lambda_cls
         self.label_smoothing = label_smoothing
+        self.ce_weight = ce_weight
         self.last_terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _run(self, logits, target, partner_logits, symmetric):
@@ -195,6 +219,7 @@ class CSKDLoss(nn.Module):
             lambda_cls=self.lambda_cls,
             label_smoothing=self.label_smoothing,
             symmetric=symmetric,
+            ce_weight=self.ce_weight,
         )
         self.last_terms = (ce, kl)
         return total

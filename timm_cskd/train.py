@@ -35,8 +35,9 @@ from timm_cskd.data.loader import SeededBatches, build_transforms, create_train_
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
+from timm_cskd.methods import Method, describe_methods, kd_config, resolve_method
 from timm_cskd.run_lock import RunLock, RunLockedError
-from timm_cskd.task import CSKDTask
+from timm_cskd.teacher import load_teacher
 
 __all__ = ["Trainer", "TrainingDivergedError", "run", "main"]
 
@@ -63,7 +64,7 @@ class TrainState:
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
-    # This epoch's loss terms (loss, ce, cls) summed over all ranks' batches so far, and how many
+    # This epoch's loss terms (loss, ce, reg) summed over all ranks' batches so far, and how many
     # rank-batches that is: a resumed epoch, on any number of ranks, reports its means whole.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     epoch_count: int = 0
@@ -99,7 +100,7 @@ def open_experiment(args, ctx: Context) -> tuple[Path, RunLock | None]:
     if name is None:
         if args.resume == "auto":
             raise ConfigError("--resume auto needs --experiment to know which folder to resume")
-        name = [f"{args.model}-{args.cskd_mode}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        name = [f"{args.model}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if ctx.distributed:
             dist.broadcast_object_list(name, src=0)
         name = name[0]
@@ -164,11 +165,20 @@ def load_indices(args, ctx: Context, out_dir: Path):
             )
         return train, val
 
+    # Rank 0 scans first (minutes on network storage); the other ranks then read its cache.
+    indices, error = None, None
     if ctx.primary:
-        indices = build()
-    ctx.barrier()
+        try:
+            indices = build()
+        except (DataIndexError, OSError) as e:
+            error = e
+    ctx.fail_together(error, slow=True)
     if not ctx.primary:
-        indices = build()
+        try:
+            indices = build()
+        except (DataIndexError, OSError) as e:
+            error = e
+    ctx.fail_together(error)
     train, val = indices
     if args.exclude_list:
         listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
@@ -188,21 +198,29 @@ def create_model(args, num_classes: int) -> torch.nn.Module:
     )
 
 
-def validate_args(args) -> None:
+def validate_args(args) -> type[Method]:
+    """Check the flags together; resolve the method (``args.method``, ``args.method_kwargs`` become its
+    name and full hyper-parameters, as args.yaml records them) and return its class."""
+    method_cls, args.method_kwargs = resolve_method(args)
+    args.method = method_cls.name
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.cskd_mode == "paired" and args.batch_size % 2:
+    if method_cls.batches == "paired" and args.batch_size % 2:
         raise ConfigError(
-            f"--cskd-mode paired needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"
+            f"--method {args.method} needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"
         )
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {args.batch_size}")
-    if args.plain_sampler and args.cskd_mode != "off":
-        raise ConfigError("--plain-sampler gives no class pairs: use it with --cskd-mode off")
+    if args.mixup > 0 or args.cutmix > 0:
+        if not method_cls.mixup:
+            raise ConfigError(
+                f"--method {args.method} does not compose with Mixup/CutMix: {method_cls.mixup_note}"
+            )
+        if args.batch_size % 2:
+            raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {args.batch_size}")
     if args.data_backend == "dali":
         importlib.import_module("timm_cskd.data.dali")  # raises with install instructions when missing
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    return method_cls
 
 
 def autocast_context(args, device: torch.device):
@@ -239,7 +257,7 @@ def _format_eta(seconds: float) -> str:
 
 class Trainer:
     def __init__(self, args):
-        validate_args(args)
+        self.method_cls = validate_args(args)
         self.args = args
         self.ctx = ctx = setup_context(args)
         self.out_dir, self.lock = open_experiment(args, ctx)
@@ -262,7 +280,7 @@ class Trainer:
         num_classes = self.train_index.num_classes
         if args.num_classes is None:
             args.num_classes = num_classes
-        model = create_model(args, num_classes)
+        model = self.method_cls.adapt_model(create_model(args, num_classes), args.method_kwargs)
         self.data_config = resolve_data_config(
             {
                 "input_size": (args.in_chans, args.img_size, args.img_size),
@@ -273,23 +291,25 @@ class Trainer:
             },
             model=model,
         )
-        if args.sync_bn and ctx.distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(ctx.device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-
-        train_tf, val_tf = build_transforms(args, self.data_config)
+        views = self.method_cls.views(args.method_kwargs)
+        train_tf, val_tf = build_transforms(args, self.data_config, views)
+        batches = self.method_cls.batches
         pin = ctx.device.type == "cuda"
         if args.data_backend == "dali":
             from timm_cskd.data.dali import create_dali_loaders
 
             self.train_loader, self.val_loader = create_dali_loaders(
-                args, self.train_index, self.val_index, self.data_config, ctx
+                args, self.train_index, self.val_index, self.data_config, ctx, batches, len(views)
             )
         else:
             self.train_loader = create_train_loader(
-                self.train_index, train_tf, args, num_replicas=ctx.world_size, rank=ctx.rank, pin_memory=pin
+                self.train_index,
+                train_tf,
+                args,
+                batches=batches,
+                num_replicas=ctx.world_size,
+                rank=ctx.rank,
+                pin_memory=pin,
             )
             self.val_loader = None
             if self.val_index is not None:
@@ -308,20 +328,6 @@ class Trainer:
             batch_sampler.batch_sampler if isinstance(batch_sampler, SeededBatches) else batch_sampler
         )
 
-        if args.lr is None:
-            args.lr = args.lr_base * args.batch_size * ctx.world_size / 256
-        self.optimizer = create_optimizer_v2(
-            model,
-            opt=args.opt,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            filter_bias_and_bn=not args.weight_decay_bias_bn,
-        )
-        self.autocast = autocast_context(args, ctx.device)
-        self.scaler = (
-            torch.amp.GradScaler(ctx.device.type) if args.amp and args.amp_dtype == "float16" else None
-        )
         mixup_fn = None
         if args.mixup > 0 or args.cutmix > 0:
             mixup_fn = Mixup(
@@ -333,22 +339,54 @@ class Trainer:
                 label_smoothing=args.smoothing,
                 num_classes=num_classes,
             )
-        self.task = CSKDTask(
+        teacher, kd = None, kd_config(args)
+        if kd is not None:
+            teacher, source = load_teacher(args.kd_model_name, num_classes, args.kd_model_arch)
+            _logger.info(
+                "knowledge distillation from %s (T %g, task weight %g, distill weight %g)",
+                source,
+                kd.temperature,
+                kd.task_weight,
+                kd.distill_weight,
+            )
+        self.task = self.method_cls(
             model,
-            mode=args.cskd_mode,
-            temperature=args.cskd_temperature,
-            lambda_cls=args.cskd_lambda,
-            smoothing=args.smoothing,
+            args.method_kwargs,
             mixup_fn=mixup_fn,
-            pair_batches=not args.plain_sampler,
+            smoothing=args.smoothing,
+            teacher=teacher,
+            kd=kd,
             device=ctx.device,
+        )
+        if args.sync_bn and ctx.distributed:
+            self.task.trainable_module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+                self.task.trainable_module
+            )
+        self.task.to(ctx.device)
+        if args.channels_last:
+            self.task.to(memory_format=torch.channels_last)
+
+        if args.lr is None:
+            args.lr = args.lr_base * args.batch_size * ctx.world_size / 256
+        # The trainable module: the model and whatever the method trains besides it, never a teacher.
+        self.optimizer = create_optimizer_v2(
+            self.task.get_trainable_module(),
+            opt=args.opt,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            filter_bias_and_bn=not args.weight_decay_bias_bn,
+        )
+        self.autocast = autocast_context(args, ctx.device)
+        self.scaler = (
+            torch.amp.GradScaler(ctx.device.type) if args.amp and args.amp_dtype == "float16" else None
         )
         if args.model_ema:
             self.task.setup_ema(decay=args.model_ema_decay)
-        if args.torchcompile:
-            self.task.compile(backend=args.torchcompile)
         if ctx.distributed:
             self.task.prepare_distributed(device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        if args.torchcompile:
+            self.task.compile(backend=args.torchcompile)
         seed_everything(args.seed + ctx.rank)
         self._first_bad_step = torch.zeros((), dtype=torch.int64, device=ctx.device)
 
@@ -413,10 +451,15 @@ class Trainer:
             gathered = [None] * self.ctx.world_size if self.ctx.primary else None
             dist.gather_object(rng_states[0], gathered, dst=0)
             rng_states = gathered
+        error = None
         if self.ctx.primary:
-            ckpt.save_checkpoint(
-                self._checkpoint_state(rng_states), self.out_dir / ckpt.LAST, keep_previous=True
-            )
+            try:
+                ckpt.save_checkpoint(
+                    self._checkpoint_state(rng_states), self.out_dir / ckpt.LAST, keep_previous=True
+                )
+            except OSError as e:  # a full disk or quota: every rank stops, none waits for rank 0
+                error = ckpt.CheckpointError(f"cannot write {self.out_dir / ckpt.LAST}: {e}")
+        self.ctx.fail_together(error)
 
     def _check_finite_weights(self) -> None:
         tensors = [t for t in self.task.get_trainable_module().state_dict().values() if t.is_floating_point()]
@@ -471,9 +514,11 @@ class Trainer:
     def _resume(self, path: Path, state: dict) -> None:
         args, ctx = self.args, self.ctx
         try:
-            self.task.load_checkpoint_state(state["state_dict"])
+            self.task.load_checkpoint_state(state["state_dict"], state.get("task_state"))
             if self.task.has_ema() and "state_dict_ema" in state:
-                self.task.load_checkpoint_state(state["state_dict_ema"], ema=True)
+                self.task.load_checkpoint_state(
+                    state["state_dict_ema"], state.get("task_state_ema"), ema=True
+                )
         except RuntimeError as e:
             raise ckpt.CheckpointError(f"{path} does not fit --model {args.model}: {e}") from e
         self.optimizer.load_state_dict(state["optimizer"])
@@ -529,10 +574,14 @@ class Trainer:
 
     def _train_step(self, images, target):
         args, ctx = self.args, self.ctx
-        images = images.to(ctx.device, non_blocking=True)
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+        def to_device(x):
+            return x.to(ctx.device, non_blocking=True).contiguous(memory_format=memory_format)
+
+        # A method with several augmented views per image gets a list of view batches.
+        images = [to_device(v) for v in images] if isinstance(images, list | tuple) else to_device(images)
         target = target.to(ctx.device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             result = self.task(images, target)
         loss = result["loss"]
@@ -549,7 +598,7 @@ class Trainer:
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), args.clip_grad)
             self.optimizer.step()
-        terms = torch.stack([loss.detach(), result["ce"], result["cls"]]).double()
+        terms = torch.stack([loss.detach(), result["ce"], result["reg"]]).double()
         # Remember the first non-finite step on the device: no host sync until the next agreement.
         self._first_bad_step = torch.where(
             torch.isfinite(terms[0]) | (self._first_bad_step > 0),
@@ -635,20 +684,20 @@ class Trainer:
             dist.all_reduce(sums)
         # Rank-batches in this epoch, resumed ones included: the sums span them all.
         count = max(count_before + local_batches * ctx.world_size, 1)
-        loss, ce, cls = (v / count for v in sums.tolist())
-        return {"loss": loss, "ce": ce, "cls": cls}
+        loss, ce, reg = (v / count for v in sums.tolist())
+        return {"loss": loss, "ce": ce, "reg": reg}
 
     def _log_progress(self, epoch, sums, terms, step_time, total_steps):
         """Rank 0's running means over the epoch so far (as timm's train.py shows averages)."""
         if not self.ctx.primary:
             return
         s = self.state
-        loss, ce, cls = (v / max(terms, 1) for v in sums.tolist())
+        loss, ce, reg = (v / max(terms, 1) for v in sums.tolist())
         lr = self.optimizer.param_groups[0]["lr"]
         rate = self.args.batch_size * self.ctx.world_size / step_time
         eta = (total_steps - s.global_step) * step_time
         _logger.info(
-            "epoch %d/%d  step %d/%d (%3.0f%%)  %.0f img/s  loss %.4f  ce %.4f  cls %.4f  lr %.4g  eta %s",
+            "epoch %d/%d  step %d/%d (%3.0f%%)  %.0f img/s  loss %.4f  ce %.4f  reg %.4f  lr %.4g  eta %s",
             epoch + 1,
             self.args.epochs,
             s.batch_in_epoch,
@@ -657,7 +706,7 @@ class Trainer:
             rate,
             loss,
             ce,
-            cls,
+            reg,
             lr,
             _format_eta(eta),
         )
@@ -694,9 +743,9 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         args, state = self.args, self.state
         _logger.info(
-            "training %s (%s mode) on %d images, %d classes, %d rank(s) x batch %d, %d steps/epoch, lr %.4g -> %s",
+            "training %s (method %s) on %d images, %d classes, %d rank(s) x batch %d, %d steps/epoch, lr %.4g -> %s",
             args.model,
-            args.cskd_mode,
+            args.method,
             len(self.train_index),
             self.train_index.num_classes,
             self.ctx.world_size,
@@ -731,6 +780,7 @@ class Trainer:
                 )
                 if is_best:
                     state.best_metric, state.best_epoch = metrics["top1_err"], epoch
+                error = None
                 if self.ctx.primary:
                     eval_row = {
                         k: metrics[k]
@@ -738,7 +788,10 @@ class Trainer:
                         for k in (f"{prefix}nll", f"{prefix}top1_err", f"{prefix}top5_err", f"{prefix}ece")
                         if k in metrics
                     }
-                    update_summary(epoch, train_metrics, eval_row, self.out_dir / "summary.csv", lr=lr)
+                    try:
+                        update_summary(epoch, train_metrics, eval_row, self.out_dir / "summary.csv", lr=lr)
+                    except OSError as e:
+                        error = ckpt.CheckpointError(f"cannot write {self.out_dir / 'summary.csv'}: {e}")
                     if metrics:
                         _logger.info(
                             "epoch %d/%d validation: top-1 err %.2f%%  top-5 err %.2f%%  NLL %.4f  ECE %.2f%%  (%d images)",
@@ -750,10 +803,23 @@ class Trainer:
                             metrics["ece"],
                             metrics["num_samples"],
                         )
+                self.ctx.fail_together(error)
                 # Commit the finished epoch to last.pth.tar (atomic), then copy it to best if it is.
                 self.save()
                 if is_best and self.ctx.primary:
-                    ckpt.copy_checkpoint(self.out_dir / ckpt.LAST, self.out_dir / ckpt.BEST)
+                    try:
+                        ckpt.copy_checkpoint(self.out_dir / ckpt.LAST, self.out_dir / ckpt.BEST)
+                    except OSError as e:
+                        error = ckpt.CheckpointError(f"cannot write {self.out_dir / ckpt.BEST}: {e}")
+                self.ctx.fail_together(error)
+                # A notice that came during validation or the save: stop now, not after more steps.
+                if state.epoch < args.epochs and self._agree(stop, check_finite=False):
+                    _logger.info(
+                        "stop requested (SIGTERM): saved %s at the end of epoch %d, exiting",
+                        ckpt.LAST,
+                        epoch + 1,
+                    )
+                    return {}
         return metrics
 
     def close(self) -> None:
@@ -785,7 +851,7 @@ def print_final_table(trainer: Trainer, metrics: dict[str, float]) -> None:
         ("validation images", f"{metrics['num_samples']}"),
     ]
     width = max(len(name) for name, _ in rows)
-    print(f"\nFinal metrics ({trainer.args.model}, CS-KD mode '{trainer.args.cskd_mode}'):")
+    print(f"\nFinal metrics ({trainer.args.model}, method '{trainer.args.method}'):")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>8}")
     print(
@@ -796,6 +862,9 @@ def print_final_table(trainer: Trainer, metrics: dict[str, float]) -> None:
 def main(argv: list[str] | None = None, default_config: str | os.PathLike | None = None) -> int:
     try:
         args = parse_args(argv, default_config)
+        if args.list_methods:
+            print(describe_methods())
+            return 0
         run(args)
     except (ConfigError, DataIndexError, ckpt.CheckpointError, RunLockedError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,249 @@
+"""The base of every training method: a timm ``TrainingTask`` that declares what it needs.
+
+A method says which batches it trains on (``batches``: plain shuffled images, the paper's class-pair
+anchors with partners, or a partition into same-class pairs), which augmented views of each image
+(``views``), whether it changes the model (``adapt_model``: a cosine head, a bias-free classifier),
+whether Mixup/CutMix makes sense for it, and how its weights map onto the plain timm architecture for
+export. The trainer builds the sampler, the transforms and the model from those declarations, so adding
+a method touches only its module.
+
+Every method computes ``ce`` (its cross-entropy part) and a regulariser; knowledge distillation from a
+teacher (``--kd-model-name``) composes with any of them here, in the base class:
+
+    loss = task_weight * CE + method regulariser + distill_weight * T^2 * KL(sg p_teacher || p_student)
+
+The teacher (timm's ``DistillationTeacher``) runs in eval mode under ``no_grad`` and the caller's
+autocast, on the images the method's main logits came from; it stays out of DDP, EMA, the optimizer and
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.task import TrainingTask
+from timm.utils.model import unwrap_model
+
+__all__ = [
+    "Hyper",
+    "KDConfig",
+    "Method",
+    "MethodModule",
+    "WithFeatures",
+    "soft_cross_entropy",
+    "kl_to_target",
+]
+
+BATCHES = ("plain", "anchor", "paired")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A method hyper-parameter: its default (whose type it keeps) and what it means."""
+
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Knowledge distillation from a teacher: timm train.py's names and Hinton's alpha form by default."""
+
+    temperature: float = 4.0
+    distill_weight: float = 0.9
+    task_weight: float = 0.1
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy in float32 against class indices (with label smoothing) or soft targets (Mixup)."""
+    if target.is_floating_point():
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+
+
+def kl_to_target(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(target / T) || softmax(logits / T)), batch mean, float32; the target is detached."""
+    t = temperature
+    log_p = F.log_softmax(logits.float() / t, dim=1)
+    q = F.softmax(target_logits.detach().float() / t, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+class MethodModule(nn.Module):
+    """A trainable module that wraps the timm model with what the method trains besides it.
+
+    DDP only sees gradients computed inside the forward of the module it wraps, so every trainable
+    computation a method needs (features, auxiliary heads) happens in this forward. ``model`` is what
+    evaluation, EMA evaluation and export use; everything else is saved as task state.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+
+class WithFeatures(MethodModule):
+    """One forward returning ``(logits, pooled penultimate features)``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(features), features
+
+
+class Method(TrainingTask):
+    """Base class: subclasses set the class attributes and implement ``compute``.
+
+    ``compute(input, target)`` returns ``(loss, ce, output, kd_input)``: the method's loss with its CE
+    part weighted by ``self.ce_weight`` (KD's task weight, else 1), that weighted CE term detached, the
+    main logits (with grad) and the images they came from (the teacher's input under KD).
+    """
+
+    name: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    hparams: ClassVar[dict[str, Hyper]] = {}
+    batches: ClassVar[str] = "plain"
+    mixup: ClassVar[bool] = True
+    mixup_note: ClassVar[str] = ""
+
+    @classmethod
+    def views(cls, hp: dict) -> list[dict]:
+        """One dict of ``timm.data.create_transform`` overrides per augmented view of each image; one
+        entry (the standard training transform) for most methods."""
+        return [{}]
+
+    @classmethod
+    def adapt_model(cls, model: nn.Module, hp: dict) -> nn.Module:
+        """The method's change to the timm model, applied for training, evaluation and loading."""
+        return model
+
+    @classmethod
+    def export_state_dict(cls, state_dict: dict, hp: dict) -> dict:
+        """The trained weights as the plain timm architecture holds them (raise if they cannot be)."""
+        return state_dict
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hp: dict,
+        *,
+        mixup_fn: Mixup | None = None,
+        smoothing: float = 0.0,
+        teacher: nn.Module | None = None,
+        kd: KDConfig | None = None,
+        device: torch.device | None = None,
+    ):
+        super().__init__(device=device, verbose=False)
+        self.hp = hp
+        self.mixup_fn = mixup_fn
+        # Mixup applies the smoothing inside its soft targets; the loss must not smooth them again.
+        self.smoothing = 0.0 if mixup_fn is not None else smoothing
+        self.trainable_module = self.build_trainable(model)
+        self.teacher = teacher
+        self.kd = kd if teacher is not None else None
+        self.ce_weight = self.kd.task_weight if self.kd is not None else 1.0
+        if teacher is not None:
+            cfg = unwrap_model(model).pretrained_cfg
+            self.register_buffer(
+                "student_mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False
+            )
+            self.register_buffer("student_std", torch.tensor(cfg["std"]).view(1, -1, 1, 1), persistent=False)
+
+    def build_trainable(self, model: nn.Module) -> nn.Module:
+        return model
+
+    # ------------------------------------------------------------------ timm TrainingTask hooks
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> Method:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = "inductor", mode: str | None = None, **compile_kwargs) -> nn.Module:
+        """Compile the (DDP-wrapped, if distributed) trainable module: after DDP, as torch recommends, so
+        that compiled graphs split at DDP's buckets and gradient all-reduce overlaps the backward."""
+        inner = unwrap_model(self.trainable_module)
+        self.trainable_module = torch.compile(
+            self.trainable_module, backend=backend, mode=mode, **compile_kwargs
+        )
+        evaluated = inner.model if isinstance(inner, MethodModule) else inner
+        self.eval_model = torch.compile(evaluated, backend=backend, mode=mode, **compile_kwargs)
+        return self.eval_model
+
+    def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
+        resolved = super().get_eval_model(module=module, ema=ema)
+        inner = unwrap_model(resolved) if resolved is not None else None
+        return inner.model if isinstance(inner, MethodModule) else resolved
+
+    def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict:
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        inner = unwrap_model(module) if module is not None else None
+        return {"extra": inner.extra_state_dict()} if isinstance(inner, MethodModule) else {}
+
+    def load_task_state(
+        self, state: dict | None, strict: bool = True, module=None, ema: bool = False
+    ) -> None:
+        inner = unwrap_model(module if module is not None else self.get_trainable_module(ema=ema))
+        if not isinstance(inner, MethodModule):
+            return
+        if not state or "extra" not in state:
+            if strict:
+                raise RuntimeError(
+                    f"the checkpoint holds no task state for method {self.name}'s extra modules"
+                )
+            return
+        current = inner.state_dict()
+        current.update(state["extra"])
+        inner.load_state_dict(current, strict=strict)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    @property
+    def module(self) -> nn.Module:
+        """The trainable module to call: DDP/compile wrapped, so gradients synchronise."""
+        return self.trainable_module
+
+    def ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy(logits, target, self.smoothing)
+
+    def mix(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """timm's batch Mixup/CutMix of ``x`` (a fresh tensor), soft targets and the area-corrected lambda;
+        unchanged inputs, hard targets and lambda 1 without Mixup."""
+        if self.mixup_fn is None:
+            return x, target, 1.0
+        if len(x) % 2:
+            raise ValueError("Mixup needs an even number of images per batch")
+        x = x.clone()
+        lam = self.mixup_fn._mix_batch(x)
+        return x, mixup_target(target, self.mixup_fn.num_classes, lam, self.mixup_fn.label_smoothing), lam
+
+    # ------------------------------------------------------------------ forward
+
+    def compute(self, input, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, input, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss, ce, output, kd_input = self.compute(input, target)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_input = self.teacher.normalize_input(kd_input, self.student_mean, self.student_std)
+                teacher_logits = self.teacher(teacher_input.detach())
+            loss = loss + self.kd.distill_weight * kl_to_target(output, teacher_logits, self.kd.temperature)
+        loss_value = loss.detach()
+        return {"loss": loss, "output": output.detach(), "ce": ce, "reg": loss_value - ce}
