@@ -469,3 +469,10 @@ def test_lock_on_file_systems_without_flock_and_held_from_another_node(tmp_path,
     assert time.monotonic() - start >= 1.0, "a remote holder is waited for (NFSv4 lease expiry)"
     holder.kill()
     holder.wait()
+
+
+def test_val_interval_validates_every_n_epochs_and_the_last(data_dir, tmp_path):
+    metrics = run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "5", "--val-interval", "2")))
+    rows = summary(tmp_path)
+    assert [bool(row["eval_top1_err"]) for row in rows] == [False, True, False, True, True]
+    assert metrics["num_samples"] == 20

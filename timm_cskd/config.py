@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over in an experiment folder that holds a run (deletes its checkpoints and summary)",
     )
     out.add_argument("--log-interval", type=int, default=50, help="steps between progress lines")
+    out.add_argument(
+        "--val-interval", type=int, default=1, help="validate every N epochs and after the last one"
+    )
     return parser
 
 

@@ -220,6 +220,8 @@ def validate_args(args) -> type[Method]:
         importlib.import_module("timm_cskd.data.dali")  # raises with install instructions when missing
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.val_interval < 1:
+        raise ConfigError(f"--val-interval must be >= 1, got {args.val_interval}")
     return method_cls
 
 
@@ -771,7 +773,9 @@ class Trainer:
                     / seconds
                 )
                 self.sync_batchnorm_stats()
-                metrics = self.validate()
+                # Every --val-interval epochs and at the last (timm's meaning).
+                last_epoch = epoch + 1 == args.epochs
+                metrics = self.validate() if last_epoch or (epoch + 1) % args.val_interval == 0 else {}
                 lr = self.optimizer.param_groups[0]["lr"]
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
                 state.epoch_sums, state.epoch_count = [0.0, 0.0, 0.0], 0
@@ -782,12 +786,22 @@ class Trainer:
                     state.best_metric, state.best_epoch = metrics["top1_err"], epoch
                 error = None
                 if self.ctx.primary:
-                    eval_row = {
-                        k: metrics[k]
-                        for prefix in ("", "ema_")
-                        for k in (f"{prefix}nll", f"{prefix}top1_err", f"{prefix}top5_err", f"{prefix}ece")
-                        if k in metrics
-                    }
+                    # The same columns every epoch (empty when not validated): the CSV header is the first row's.
+                    prefixes = ("", "ema_") if self.task.has_ema() else ("",)
+                    eval_row = (
+                        {
+                            k: metrics.get(k, "")
+                            for prefix in prefixes
+                            for k in (
+                                f"{prefix}nll",
+                                f"{prefix}top1_err",
+                                f"{prefix}top5_err",
+                                f"{prefix}ece",
+                            )
+                        }
+                        if self.val_loader is not None
+                        else {}
+                    )
                     try:
                         update_summary(epoch, train_metrics, eval_row, self.out_dir / "summary.csv", lr=lr)
                     except OSError as e:
