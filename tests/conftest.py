@@ -22,3 +22,12 @@ def make_image_folder(root, class_sizes, size=(40, 32), colours=None, ext=".jpg"
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data", [3, 1, 5])
+
+
+# The trainer's defaults before it adopted timm train.py's (warmup 5, smoothing 0.1, colour jitter 0.4,
+# random interpolation, Nesterov SGD, weight decay 2e-5): tiny 3-epoch runs on colour-coded images need
+# the plain recipe to learn reliably.
+PLAIN_RECIPE = [
+    "--warmup-epochs", "0", "--smoothing", "0", "--color-jitter", "0", "--train-interpolation", "bilinear",
+    "--opt", "momentum", "--weight-decay", "1e-4",
+]  # fmt: skip

@@ -50,9 +50,11 @@ def decode(images):
 
 
 def dali_args(mode="anchor", batch=3, **extra):
+    # No colour jitter: the tests read each image's class and index back from its colour.
     args = parse_args(
-        ["--data-dir", "unused", "-b", str(batch), "--cskd-mode", mode, "-j", "1", "--seed", "5"]
-    )
+        ["--data-dir", "unused", "-b", str(batch), "--cskd-mode", mode, "-j", "1", "--seed", "5",
+         "--color-jitter", "0", "--train-interpolation", "bilinear"]
+    )  # fmt: skip
     for key, value in extra.items():
         setattr(args, key, value)
     return args

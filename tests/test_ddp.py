@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import PLAIN_RECIPE, make_image_folder
 
 from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import parse_args
@@ -37,7 +37,7 @@ def test_two_ranks_train_identically_and_validate_each_image_once(tmp_path, mode
     out = tmp_path / "out"
     args = [
         "--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
-        "--epochs", "2", "-b", "4", "--lr", "0.05", "-j", "0", "--output", str(out), "--experiment", "ddp",
+        "--epochs", "2", "-b", "4", "--lr", "0.05", *PLAIN_RECIPE, "-j", "0", "--output", str(out), "--experiment", "ddp",
         "--cskd-mode", mode, "--model-ema", "--log-interval", "1",
     ]  # fmt: skip
     cmd = [
@@ -94,7 +94,7 @@ def elastic_data(tmp_path_factory):
 def elastic_args(data, out, *extra):
     return [
         "--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
-        "--epochs", "1", "-b", "4", "--lr", "0.05", "-j", "0", "--output", str(out), "--experiment", "run",
+        "--epochs", "1", "-b", "4", "--lr", "0.05", *PLAIN_RECIPE, "-j", "0", "--output", str(out), "--experiment", "run",
         "--log-interval", "1", "--seed", "3", *extra,
     ]  # fmt: skip
 

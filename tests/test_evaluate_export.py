@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from calibration_reference import calibration_metrics, grid_temperature, nll
-from conftest import make_image_folder
+from conftest import PLAIN_RECIPE, make_image_folder
 from PIL import Image
 
 from timm_cskd import compare, evaluate, export
@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
             (data / "calib" / f"class_{c:03d}" / f"img_{i:04d}.jpg").write_bytes(image.read_bytes())
     args = [
         "--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
-        "--epochs", "2", "-b", "6", "--lr", "0.05", "-j", "0", "--output", str(root / "out"),
+        "--epochs", "2", "-b", "6", "--lr", "0.05", *PLAIN_RECIPE, "-j", "0", "--output", str(root / "out"),
         "--experiment", "run", "--model-ema",
     ]  # fmt: skip
     metrics = run(parse_args(args))

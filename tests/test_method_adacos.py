@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_image_folder
+from conftest import PLAIN_RECIPE, make_image_folder
 from test_ddp import free_port
 
 from timm_cskd import evaluate, export
@@ -149,7 +149,7 @@ def data_dir(tmp_path_factory):
 def train_args(data_dir, out, *extra, method="adacos"):
     return [
         "--data-dir", str(data_dir), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
-        "--epochs", "4", "-b", "8", "--lr", "0.05", "--sched", "cosine", "-j", "0", "--log-interval", "2",
+        "--epochs", "4", "-b", "8", "--lr", "0.05", *PLAIN_RECIPE, "--sched", "cosine", "-j", "0", "--log-interval", "2",
         "--output", str(out), "--experiment", "run", "--seed", "1", "--method", method, *extra,
     ]  # fmt: skip
 

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_image_folder
+from conftest import PLAIN_RECIPE, make_image_folder
 from test_ddp import free_port
 from test_train import _spawn, _wait_for, summary, tiny_args
 
@@ -183,7 +183,7 @@ def torchrun_plain(nproc, args, timeout=300):
 def ddp_args(data, out, method):
     return [
         "--data-dir", str(data), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
-        "--epochs", "2", "-b", "4", "--lr", "0.05", "-j", "0", "--output", str(out), "--experiment", "ddp",
+        "--epochs", "2", "-b", "4", "--lr", "0.05", *PLAIN_RECIPE, "-j", "0", "--output", str(out), "--experiment", "ddp",
         "--method", method, "--log-interval", "1", "--seed", "2",
     ]  # fmt: skip
 

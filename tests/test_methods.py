@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_image_folder
+from conftest import PLAIN_RECIPE, make_image_folder
 
 from timm_cskd import evaluate, export
 from timm_cskd.checkpoint import load_model
@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 def args_for(data_dir, out, *extra):
     return [
         "--data-dir", str(data_dir), "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0",
-        "--epochs", "3", "-b", "8", "--lr", "0.05", "--sched", "cosine", "-j", "0", "--log-interval", "100",
+        "--epochs", "3", "-b", "8", "--lr", "0.05", *PLAIN_RECIPE, "--sched", "cosine", "-j", "0", "--log-interval", "100",
         "--output", str(out), "--experiment", "run", "--seed", "1", *extra,
     ]  # fmt: skip
 
@@ -44,7 +44,8 @@ def test_every_method_trains_under_bf16_autocast_and_evaluates(data_dir, tmp_pat
     )
     with open(tmp_path / "run" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), "the loss must fall"
+    # The cross-entropy part: a self-distillation term grows while the predictions sharpen.
+    assert float(rows[-1]["train_ce"]) < float(rows[0]["train_ce"]), "the loss must fall"
     for row in rows:
         assert float(row["train_loss"]) == pytest.approx(
             float(row["train_ce"]) + float(row["train_reg"]), rel=1e-6
@@ -139,7 +140,6 @@ def test_method_flags_yaml_and_the_first_release_spellings(tmp_path):
         (["--method", "ce", "--cskd-mode", "anchor"], "--cskd-mode anchor means --method cskd"),
         (["--method", "ce", "--cskd-lambda", "2"], "--cskd-lambda applies to the CS-KD methods"),
         (["--cskd-lambda", "2", "--method-kwargs", "lambda=3"], "disagrees with --method-kwargs lambda=3"),
-        (["--method", "ls", "--smoothing", "0.1"], "--method ls takes its eps"),
         (["--method", "cskd", "--plain-sampler"], "--plain-sampler gives no class pairs"),
         (["--distill-loss-weight", "0.5"], "need a teacher: --kd-model-name"),
     ],

@@ -64,7 +64,7 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
     num_columns: int  # indices per unit: 2 for (first, partner), 1 for plain images
     _num_units: int
 
-    def _setup(self, batch_size, num_replicas, rank, seed, drop_last):
+    def _setup(self, batch_size, num_replicas, rank, seed, drop_last, repeats):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_replicas is None:
@@ -78,6 +78,9 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.rank = rank
         self.seed = seed
         self.drop_last = drop_last
+        if repeats < 0:
+            raise ValueError(f"repeats must be >= 0, got {repeats}")
+        self.repeats = repeats
         self.epoch = 0
         self._start = 0  # global plan position this epoch's iteration starts from
         self._yielded = 0
@@ -125,6 +128,7 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
             "units_consumed": int(min(units, self._num_units)),
             "batches_consumed": consumed,
             "seed": self.seed,
+            "repeats": self.repeats,
             "mode": self.mode,
             "num_replicas": self.num_replicas,
             "batch_size": self.batch_size,
@@ -132,7 +136,7 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the rank count and batch size may differ from the saved ones."""
-        for key in ("seed", "mode"):
+        for key in ("seed", "mode", "repeats"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state was saved with {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
@@ -152,8 +156,20 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
 
-    def plan(self) -> tuple[np.ndarray, ...]:
+    def _epoch_plan(self) -> tuple[np.ndarray, ...]:
         raise NotImplementedError
+
+    def plan(self) -> tuple[np.ndarray, ...]:
+        """This epoch's plan columns over all ranks, before sharding and padding.
+
+        With ``repeats`` r (timm's --aug-repeats, DeiT's repeated augmentation) each unit appears r times
+        in a row, so its copies land on r different ranks, each augmented differently; the epoch keeps
+        its length, so it covers about 1/r of the units, as timm's RepeatAugSampler does."""
+        columns = self._epoch_plan()
+        if self.repeats and self.repeats != 1:
+            source = (np.arange(self._num_units) / self.repeats).astype(np.int64)
+            columns = tuple(column[source] for column in columns)
+        return columns
 
     def rank_plan(self, start: int | None = None) -> tuple[np.ndarray, ...]:
         """This rank's plan columns for the batches from global position ``start`` (default: the
@@ -196,6 +212,7 @@ class ClassPairSampler(_PlanBatchSampler):
         rank: int | None = None,
         seed: int = 0,
         drop_last: bool = True,
+        repeats: float = 0,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -208,7 +225,7 @@ class ClassPairSampler(_PlanBatchSampler):
             raise ValueError(
                 f"paired mode needs an even batch_size >= 2 (it holds batch_size // 2 pairs), got {batch_size}"
             )
-        self._setup(batch_size, num_replicas, rank, seed, drop_last)
+        self._setup(batch_size, num_replicas, rank, seed, drop_last, repeats)
         self.labels = labels.astype(np.int64, copy=False)
         self.mode = mode
         self.units_per_batch = batch_size if mode == "anchor" else batch_size // 2
@@ -241,8 +258,8 @@ class ClassPairSampler(_PlanBatchSampler):
         pick = np.where(size > 1, pick, own)
         return self._by_class[self._start_of[idx] + pick]
 
-    def plan(self) -> tuple[np.ndarray, np.ndarray]:
-        """This epoch's ``(first, partner)`` arrays over all ranks, before sharding and padding."""
+    def _epoch_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's ``(first, partner)`` arrays over all ranks."""
         rng = self._rng()
         if self.mode == "anchor":
             first = rng.permutation(len(self.labels))
@@ -277,11 +294,12 @@ class ShuffledBatchSampler(_PlanBatchSampler):
         rank: int | None = None,
         seed: int = 0,
         drop_last: bool = True,
+        repeats: float = 0,
     ):
-        self._setup(batch_size, num_replicas, rank, seed, drop_last)
+        self._setup(batch_size, num_replicas, rank, seed, drop_last, repeats)
         self.units_per_batch = batch_size
         self._num_units = num_samples
         self._check_not_empty("samples")
 
-    def plan(self) -> tuple[np.ndarray]:
+    def _epoch_plan(self) -> tuple[np.ndarray]:
         return (self._rng().permutation(self._num_units),)

@@ -49,7 +49,8 @@ def load_teacher(
         try:
             loaded = load_model(path, arch)
         except CheckpointError as e:
-            raise ConfigError(f"--kd-model-name: {e}") from e
+            message = str(e).replace("pass --model", "pass --kd-model-arch")
+            raise ConfigError(f"--kd-model-name: {message}") from e
         model, source = loaded.model, f"{path} ({unwrap_name(loaded.model)})"
         if loaded.data_config:
             mean, std = loaded.data_config.get("mean"), loaded.data_config.get("std")

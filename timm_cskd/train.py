@@ -7,36 +7,30 @@ timm TrainingTask, timm's optimizer/scheduler/EMA, exact mid-epoch resume and SI
 from __future__ import annotations
 
 import contextlib
-import difflib
-import importlib
 import logging
 import os
-import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import timm
 import torch
 import torch.distributed as dist
-from timm.data import Mixup, resolve_data_config
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.utils import distribute_bn, update_summary
+from timm.utils import dispatch_clip_grad, distribute_bn, update_summary
 from timm.utils.model import unwrap_model
 
+from timm_cskd import build
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import ConfigError, dump_args, parse_args
-from timm_cskd.data.index import VAL_SPLITS, DataIndexError, build_index, find_split
+from timm_cskd.data.index import DataIndexError
 from timm_cskd.data.loader import SeededBatches, build_transforms, create_train_loader, create_val_loader
-from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
-from timm_cskd.methods import Method, describe_methods, kd_config, resolve_method
-from timm_cskd.run_lock import RunLock, RunLockedError
+from timm_cskd.experiment import load_indices, open_experiment, seed_everything, setup_logging, validate_args
+from timm_cskd.methods import describe_methods, kd_config
+from timm_cskd.run_lock import RunLockedError
+from timm_cskd.scalars import ScalarLog
 from timm_cskd.teacher import load_teacher
 
 __all__ = ["Trainer", "TrainingDivergedError", "run", "main"]
@@ -64,165 +58,12 @@ class TrainState:
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
+    # --checkpoint-hist: the kept epoch checkpoints as (eval metric, epoch), best first.
+    kept: list[list] = field(default_factory=list)
     # This epoch's loss terms (loss, ce, reg) summed over all ranks' batches so far, and how many
     # rank-batches that is: a resumed epoch, on any number of ranks, reports its means whole.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     epoch_count: int = 0
-
-
-def setup_logging(ctx: Context, log_file: Path | None) -> None:
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    level = logging.INFO if ctx.primary else logging.WARNING
-    fmt = logging.Formatter(
-        "%(asctime)s %(message)s" if ctx.primary else f"[rank {ctx.rank}] %(message)s", "%H:%M:%S"
-    )
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(fmt)
-    root.addHandler(stream)
-    if log_file is not None and ctx.primary:
-        file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        root.addHandler(file_handler)
-    root.setLevel(level)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - timm's Mixup uses the global RNG
-    torch.manual_seed(seed)
-
-
-def open_experiment(args, ctx: Context) -> tuple[Path, RunLock | None]:
-    """The experiment folder, locked by rank 0 for the run's life; every rank fails alike if it cannot."""
-    name = args.experiment
-    if name is None:
-        if args.resume == "auto":
-            raise ConfigError("--resume auto needs --experiment to know which folder to resume")
-        name = [f"{args.model}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if ctx.distributed:
-            dist.broadcast_object_list(name, src=0)
-        name = name[0]
-        args.experiment = name
-    folder = Path(args.output) / name
-    lock, error = None, None
-    if ctx.primary:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(folder)
-            lock.acquire()
-            previous = [
-                folder / f
-                for f in (ckpt.LAST, ckpt.PREVIOUS, ckpt.BEST, "summary.csv")
-                if (folder / f).exists()
-            ]
-            if previous and not args.resume:
-                if not args.overwrite:
-                    raise ConfigError(
-                        f"{folder} already holds a training run: pass --resume auto to continue it, --overwrite "
-                        "to start it over (its checkpoints and summary are deleted), or another --experiment"
-                    )
-                for path in previous:
-                    path.unlink()
-        except (ConfigError, RunLockedError, OSError) as e:
-            if lock is not None:
-                lock.release()
-                lock = None
-            error = e
-    ctx.fail_together(error)
-    return folder, lock
-
-
-def resolve_data_dir(args, ctx: Context) -> Path:
-    if args.data_dir is not None:
-        return Path(args.data_dir)
-    from timm_cskd.data.demo import demo_data_dir
-
-    if ctx.primary:
-        demo_data_dir()
-    ctx.barrier()
-    return demo_data_dir()
-
-
-def load_indices(args, ctx: Context, out_dir: Path):
-    """Train/val indices. Rank 0 scans (and caches) first, then the other ranks read its cache."""
-    data_dir = resolve_data_dir(args, ctx)
-    if not data_dir.is_dir():
-        raise DataIndexError(f"--data-dir {data_dir} does not exist or is not a folder")
-    train_path = find_split(data_dir, [args.train_split])
-    if train_path is None:
-        raise DataIndexError(f"no '{args.train_split}' folder or list file in {data_dir}")
-    val_path = find_split(data_dir, [args.val_split] if args.val_split else VAL_SPLITS)
-    cache_dir = out_dir / "index-cache"
-
-    def build():
-        train = build_index(train_path, cache_dir=cache_dir, num_classes=args.num_classes)
-        val = None
-        if val_path is not None:
-            val = build_index(
-                val_path, cache_dir=cache_dir, num_classes=train.num_classes, classes=train.classes
-            )
-        return train, val
-
-    # Rank 0 scans first (minutes on network storage); the other ranks then read its cache.
-    indices, error = None, None
-    if ctx.primary:
-        try:
-            indices = build()
-        except (DataIndexError, OSError) as e:
-            error = e
-    ctx.fail_together(error, slow=True)
-    if not ctx.primary:
-        try:
-            indices = build()
-        except (DataIndexError, OSError) as e:
-            error = e
-    ctx.fail_together(error)
-    train, val = indices
-    if args.exclude_list:
-        listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
-        train, val = (None if index is None else index.without_files(listed) for index in (train, val))
-        excluded = len(train.excluded) + (len(val.excluded) if val is not None else 0)
-        _logger.info("excluding %d undecodable images listed in %s", excluded, args.exclude_list)
-    return train, val
-
-
-def create_model(args, num_classes: int) -> torch.nn.Module:
-    if args.model not in timm.list_models() and not args.model.startswith(("hf-hub:", "local-dir:")):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown model '{args.model}'{hint}")
-    return timm.create_model(
-        args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=args.in_chans
-    )
-
-
-def validate_args(args) -> type[Method]:
-    """Check the flags together; resolve the method (``args.method``, ``args.method_kwargs`` become its
-    name and full hyper-parameters, as args.yaml records them) and return its class."""
-    method_cls, args.method_kwargs = resolve_method(args)
-    args.method = method_cls.name
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if method_cls.batches == "paired" and args.batch_size % 2:
-        raise ConfigError(
-            f"--method {args.method} needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"
-        )
-    if args.mixup > 0 or args.cutmix > 0:
-        if not method_cls.mixup:
-            raise ConfigError(
-                f"--method {args.method} does not compose with Mixup/CutMix: {method_cls.mixup_note}"
-            )
-        if args.batch_size % 2:
-            raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {args.batch_size}")
-    if args.data_backend == "dali":
-        importlib.import_module("timm_cskd.data.dali")  # raises with install instructions when missing
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.val_interval < 1:
-        raise ConfigError(f"--val-interval must be >= 1, got {args.val_interval}")
-    return method_cls
 
 
 def autocast_context(args, device: torch.device):
@@ -272,7 +113,7 @@ class Trainer:
     def _build(self, args, ctx: Context) -> None:
         setup_logging(ctx, self.out_dir / "log.txt")
         resume = self._load_resume_checkpoint(args.resume) if args.resume else None
-        if resume is not None and args.lr is None and resume[1].get("args", {}).get("lr") is not None:
+        if resume is not None and not args.lr and resume[1].get("args", {}).get("lr") is not None:
             # The schedule continues as it started, also when the rank count (global batch) changed.
             args.lr = resume[1]["args"]["lr"]
         # The same initial weights on every rank (so is each rank's EMA copy); per-rank streams after.
@@ -282,21 +123,12 @@ class Trainer:
         num_classes = self.train_index.num_classes
         if args.num_classes is None:
             args.num_classes = num_classes
-        model = self.method_cls.adapt_model(create_model(args, num_classes), args.method_kwargs)
-        self.data_config = resolve_data_config(
-            {
-                "input_size": (args.in_chans, args.img_size, args.img_size),
-                "crop_pct": args.crop_pct,
-                "interpolation": args.interpolation,
-                "mean": args.mean,
-                "std": args.std,
-            },
-            model=model,
-        )
+        build.import_device_modules(args)
+        model = self.method_cls.adapt_model(build.create_model(args, num_classes), args.method_kwargs)
+        self.data_config = build.resolve_data_config(args, model)
         views = self.method_cls.views(args.method_kwargs)
         train_tf, val_tf = build_transforms(args, self.data_config, views)
         batches = self.method_cls.batches
-        pin = ctx.device.type == "cuda"
         if args.data_backend == "dali":
             from timm_cskd.data.dali import create_dali_loaders
 
@@ -311,7 +143,7 @@ class Trainer:
                 batches=batches,
                 num_replicas=ctx.world_size,
                 rank=ctx.rank,
-                pin_memory=pin,
+                pin_memory=args.pin_mem,
             )
             self.val_loader = None
             if self.val_index is not None:
@@ -322,7 +154,7 @@ class Trainer:
                     num_replicas=ctx.world_size,
                     rank=ctx.rank,
                     workers=args.workers,
-                    pin_memory=pin,
+                    pin_memory=args.pin_mem,
                 )
         # The plan sampler itself (the torch loader wraps it to seed each sample's augmentation).
         batch_sampler = self.train_loader.batch_sampler
@@ -330,17 +162,7 @@ class Trainer:
             batch_sampler.batch_sampler if isinstance(batch_sampler, SeededBatches) else batch_sampler
         )
 
-        mixup_fn = None
-        if args.mixup > 0 or args.cutmix > 0:
-            mixup_fn = Mixup(
-                mixup_alpha=args.mixup,
-                cutmix_alpha=args.cutmix,
-                prob=args.mixup_prob,
-                switch_prob=args.mixup_switch_prob,
-                mode="batch",
-                label_smoothing=args.smoothing,
-                num_classes=num_classes,
-            )
+        self.mixup_fn = build.create_mixup(args, num_classes)
         teacher, kd = None, kd_config(args)
         if kd is not None:
             teacher, source = load_teacher(args.kd_model_name, num_classes, args.kd_model_arch)
@@ -354,10 +176,12 @@ class Trainer:
         self.task = self.method_cls(
             model,
             args.method_kwargs,
-            mixup_fn=mixup_fn,
+            mixup_fn=self.mixup_fn,
             smoothing=args.smoothing,
+            bce=build.create_bce(args, mixup=self.mixup_fn is not None),
             teacher=teacher,
             kd=kd,
+            normalization=(self.data_config["mean"], self.data_config["std"]),
             device=ctx.device,
         )
         if args.sync_bn and ctx.distributed:
@@ -368,43 +192,29 @@ class Trainer:
         if args.channels_last:
             self.task.to(memory_format=torch.channels_last)
 
-        if args.lr is None:
-            args.lr = args.lr_base * args.batch_size * ctx.world_size / 256
+        args.lr = build.resolve_lr(args, ctx.world_size)
         # The trainable module: the model and whatever the method trains besides it, never a teacher.
-        self.optimizer = create_optimizer_v2(
-            self.task.get_trainable_module(),
-            opt=args.opt,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            filter_bias_and_bn=not args.weight_decay_bias_bn,
-        )
+        self.optimizer = build.create_optimizer(args, self.task.get_trainable_module())
         self.autocast = autocast_context(args, ctx.device)
         self.scaler = (
             torch.amp.GradScaler(ctx.device.type) if args.amp and args.amp_dtype == "float16" else None
         )
         if args.model_ema:
-            self.task.setup_ema(decay=args.model_ema_decay)
+            self.task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if ctx.distributed:
-            self.task.prepare_distributed(device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+            self.task.prepare_distributed(
+                device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                broadcast_buffers=not args.no_ddp_bb,
+            )
         if args.torchcompile:
-            self.task.compile(backend=args.torchcompile)
+            self.task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         seed_everything(args.seed + ctx.rank)
         self._first_bad_step = torch.zeros((), dtype=torch.int64, device=ctx.device)
 
-        self.updates_per_epoch = len(self.train_loader)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=args.sched,
-            num_epochs=args.epochs,
-            decay_milestones=args.decay_milestones,
-            decay_rate=args.decay_rate,
-            warmup_epochs=args.warmup_epochs,
-            warmup_lr=args.warmup_lr,
-            min_lr=args.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch,
-        )
+        # An update every --grad-accum-steps batches, the last one taking whatever the epoch has left.
+        self.updates_per_epoch = -(-len(self.train_loader) // args.grad_accum_steps)
+        self.scheduler, self.num_epochs = build.create_scheduler(args, self.optimizer, self.updates_per_epoch)
+        self.scalars = ScalarLog(args, self.out_dir) if ctx.primary else None
         self.state = TrainState()
         if resume is not None:
             self._resume(*resume)
@@ -423,11 +233,12 @@ class Trainer:
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "metric": s.best_metric,  # timm's key: the best top-1 error so far
+            "metric": s.best_metric,  # timm's key: the best --eval-metric value so far
             "global_step": s.global_step,
             "resume_epoch": s.epoch,
             "resume_batch": s.batch_in_epoch,
             "best_epoch": s.best_epoch,
+            "kept": s.kept,
             "epoch_sums": list(s.epoch_sums),
             "epoch_count": s.epoch_count,
             "sampler": self.sampler.state_dict(batches_consumed=s.batch_in_epoch),
@@ -523,13 +334,14 @@ class Trainer:
                 )
         except RuntimeError as e:
             raise ckpt.CheckpointError(f"{path} does not fit --model {args.model}: {e}") from e
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not args.no_resume_opt:
+            self.optimizer.load_state_dict(state["optimizer"])
         elastic = self.sampler.is_elastic(state["sampler"]) or len(state["rng"]) != ctx.world_size
         # The scheduler counts updates: with another rank count or batch an epoch has another number of
         # them, so it is rebuilt for this run and placed at the same epoch position below.
         if self.scheduler is not None and state.get("scheduler") is not None and not elastic:
             self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "amp_scaler" in state:
+        if self.scaler is not None and "amp_scaler" in state and not args.no_resume_opt:
             self.scaler.load_state_dict(state["amp_scaler"])
         try:
             self.sampler.load_state_dict(state["sampler"])
@@ -539,9 +351,10 @@ class Trainer:
         self.state = TrainState(
             epoch=epoch,
             batch_in_epoch=batch,
-            global_step=epoch * self.updates_per_epoch + batch,
+            global_step=epoch * self.updates_per_epoch + batch // args.grad_accum_steps,
             best_metric=state["metric"],
             best_epoch=state["best_epoch"],
+            kept=list(state.get("kept", [])),
             # Rank 0 carries the saved sums of the epoch; the others start theirs at zero.
             epoch_sums=list(state["epoch_sums"]) if ctx.primary else [0.0, 0.0, 0.0],
             epoch_count=state.get("epoch_count", state["resume_batch"]) if ctx.primary else 0,
@@ -564,6 +377,11 @@ class Trainer:
             )
         else:
             ckpt.set_rng_state(state["rng"][ctx.rank])
+        if self.scheduler is not None:  # the learning rate where the run stopped (timm's resume does this)
+            if args.sched_on_updates:
+                self.scheduler.step_update(self.state.global_step)
+            else:
+                self.scheduler.step(self.state.epoch)
         _logger.info(
             "resumed from %s at epoch %d, batch %d (step %d)",
             path,
@@ -574,7 +392,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
 
-    def _train_step(self, images, target):
+    def _train_step(self, images, target, accum: int, update: bool):
+        """Forward and backward one batch; step the optimizer when ``update`` (the last of ``accum``
+        accumulated batches, each loss divided by ``accum`` as timm does)."""
         args, ctx = self.args, self.ctx
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -584,22 +404,26 @@ class Trainer:
         # A method with several augmented views per image gets a list of view batches.
         images = [to_device(v) for v in images] if isinstance(images, list | tuple) else to_device(images)
         target = target.to(ctx.device, non_blocking=True)
-        with self.autocast():
-            result = self.task(images, target)
-        loss = result["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if args.clip_grad:
+        # DDP all-reduces gradients only on the batch that completes an update.
+        with contextlib.nullcontext() if update else self.task.no_sync():
+            with self.autocast():
+                result = self.task(images, target)
+            loss = result["loss"]
+            scaled = loss / accum if accum > 1 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if update:
+            if self.scaler is not None and args.clip_grad:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), args.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
             if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), args.clip_grad)
-            self.optimizer.step()
+                dispatch_clip_grad(self.task.get_clip_parameters(), args.clip_grad, mode=args.clip_mode)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if args.synchronize_step and ctx.device.type == "cuda":
+                torch.cuda.synchronize()
         terms = torch.stack([loss.detach(), result["ce"], result["reg"]]).double()
         # Remember the first non-finite step on the device: no host sync until the next agreement.
         self._first_bad_step = torch.where(
@@ -641,26 +465,38 @@ class Trainer:
         self.save()
 
     def train_epoch(self, epoch: int, stop: _StopFlag) -> dict[str, float] | None:
-        """One epoch from the current position; returns its mean loss terms, or None when stopped."""
+        """One epoch from the current position; returns its mean loss terms, or None when stopped.
+
+        ``state.batch_in_epoch`` counts loader batches, ``state.global_step`` optimizer updates (the
+        schedule's clock); position checks, logs and checkpoints happen only between updates."""
         args, ctx, state = self.args, self.ctx, self.state
         self.sampler.set_epoch(epoch)
         self.task.train()
+        if self.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            self.mixup_fn.mixup_enabled = False
         # Rank 0 starts from the saved global sums of a resumed epoch, the other ranks from zero.
         sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=ctx.device)
         count_before, local_batches = state.epoch_count, 0
         window_start, window_steps = time.perf_counter(), 0
-        total_steps = args.epochs * self.updates_per_epoch
+        total_steps = self.num_epochs * self.updates_per_epoch
+        batches, accum = len(self.train_loader), args.grad_accum_steps
+        last_group = batches - (batches - 1) % accum - 1  # the first batch of the epoch's last update
         for images, target in self.train_loader:
-            sums += self._train_step(images, target)
+            group = state.batch_in_epoch - state.batch_in_epoch % accum
+            group_size = accum if group < last_group else batches - last_group
+            update = (state.batch_in_epoch + 1 - group) == group_size
+            sums += self._train_step(images, target, group_size, update)
             state.batch_in_epoch += 1
-            state.global_step += 1
             local_batches += 1
+            if not update:
+                continue
+            state.global_step += 1
             window_steps += 1
             if self.scheduler is not None:
                 self.scheduler.step_update(num_updates=state.global_step)
             self.task.update_ema(step=state.global_step)
 
-            last_batch = state.batch_in_epoch == self.updates_per_epoch
+            last_batch = state.batch_in_epoch == batches
             at_log = state.global_step % args.log_interval == 0 or last_batch
             at_checkpoint = args.checkpoint_interval and state.global_step % args.checkpoint_interval == 0
             if at_log:
@@ -696,15 +532,16 @@ class Trainer:
         s = self.state
         loss, ce, reg = (v / max(terms, 1) for v in sums.tolist())
         lr = self.optimizer.param_groups[0]["lr"]
-        rate = self.args.batch_size * self.ctx.world_size / step_time
+        rate = self.args.batch_size * self.ctx.world_size * self.args.grad_accum_steps / step_time
         eta = (total_steps - s.global_step) * step_time
+        batches = len(self.train_loader)
         _logger.info(
-            "epoch %d/%d  step %d/%d (%3.0f%%)  %.0f img/s  loss %.4f  ce %.4f  reg %.4f  lr %.4g  eta %s",
+            "epoch %d/%d  batch %d/%d (%3.0f%%)  %.0f img/s  loss %.4f  ce %.4f  reg %.4f  lr %.4g  eta %s",
             epoch + 1,
-            self.args.epochs,
+            self.num_epochs,
             s.batch_in_epoch,
-            self.updates_per_epoch,
-            100.0 * s.batch_in_epoch / self.updates_per_epoch,
+            batches,
+            100.0 * s.batch_in_epoch / batches,
             rate,
             loss,
             ce,
@@ -758,76 +595,43 @@ class Trainer:
         )
         metrics: dict[str, float] = {}
         with _StopFlag() as stop:
-            while state.epoch < args.epochs:
+            while state.epoch < self.num_epochs:
                 epoch = state.epoch
                 epoch_start = time.perf_counter()
-                steps_before = state.batch_in_epoch
+                batches_before = state.batch_in_epoch
                 train_metrics = self.train_epoch(epoch, stop)
                 if train_metrics is None:
                     return {}
                 seconds = time.perf_counter() - epoch_start
-                train_metrics["img_per_sec"] = (
-                    (state.batch_in_epoch - steps_before)
-                    * self.args.batch_size
-                    * self.ctx.world_size
-                    / seconds
-                )
+                images = (state.batch_in_epoch - batches_before) * args.batch_size * self.ctx.world_size
+                train_metrics["img_per_sec"] = images / seconds
                 self.sync_batchnorm_stats()
                 # Every --val-interval epochs and at the last (timm's meaning).
-                last_epoch = epoch + 1 == args.epochs
+                last_epoch = epoch + 1 == self.num_epochs
                 metrics = self.validate() if last_epoch or (epoch + 1) % args.val_interval == 0 else {}
                 lr = self.optimizer.param_groups[0]["lr"]
+                value = self._eval_value(metrics) if metrics else None
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
                 state.epoch_sums, state.epoch_count = [0.0, 0.0, 0.0], 0
-                is_best = bool(metrics) and (
-                    state.best_metric is None or metrics["top1_err"] < state.best_metric
+                is_best = value is not None and (
+                    state.best_metric is None or self._better(value, state.best_metric)
                 )
                 if is_best:
-                    state.best_metric, state.best_epoch = metrics["top1_err"], epoch
+                    state.best_metric, state.best_epoch = value, epoch
+                if self.scheduler is not None and (value is not None or not self._plateau):
+                    self.scheduler.step(epoch + 1, value)
+                dropped = self._keep_checkpoint(value, epoch)
                 error = None
                 if self.ctx.primary:
-                    # The same columns every epoch (empty when not validated): the CSV header is the first row's.
-                    prefixes = ("", "ema_") if self.task.has_ema() else ("",)
-                    eval_row = (
-                        {
-                            k: metrics.get(k, "")
-                            for prefix in prefixes
-                            for k in (
-                                f"{prefix}nll",
-                                f"{prefix}top1_err",
-                                f"{prefix}top5_err",
-                                f"{prefix}ece",
-                            )
-                        }
-                        if self.val_loader is not None
-                        else {}
-                    )
-                    try:
-                        update_summary(epoch, train_metrics, eval_row, self.out_dir / "summary.csv", lr=lr)
-                    except OSError as e:
-                        error = ckpt.CheckpointError(f"cannot write {self.out_dir / 'summary.csv'}: {e}")
-                    if metrics:
-                        _logger.info(
-                            "epoch %d/%d validation: top-1 err %.2f%%  top-5 err %.2f%%  NLL %.4f  ECE %.2f%%  (%d images)",
-                            epoch + 1,
-                            args.epochs,
-                            metrics["top1_err"],
-                            metrics["top5_err"],
-                            metrics["nll"],
-                            metrics["ece"],
-                            metrics["num_samples"],
-                        )
+                    error = self._record_epoch(epoch, train_metrics, metrics, lr)
                 self.ctx.fail_together(error)
-                # Commit the finished epoch to last.pth.tar (atomic), then copy it to best if it is.
+                # Commit the finished epoch to last.pth.tar (atomic), then copy it where it belongs.
                 self.save()
-                if is_best and self.ctx.primary:
-                    try:
-                        ckpt.copy_checkpoint(self.out_dir / ckpt.LAST, self.out_dir / ckpt.BEST)
-                    except OSError as e:
-                        error = ckpt.CheckpointError(f"cannot write {self.out_dir / ckpt.BEST}: {e}")
+                if self.ctx.primary:
+                    error = self._copy_epoch_checkpoints(epoch, is_best, dropped)
                 self.ctx.fail_together(error)
                 # A notice that came during validation or the save: stop now, not after more steps.
-                if state.epoch < args.epochs and self._agree(stop, check_finite=False):
+                if state.epoch < self.num_epochs and self._agree(stop, check_finite=False):
                     _logger.info(
                         "stop requested (SIGTERM): saved %s at the end of epoch %d, exiting",
                         ckpt.LAST,
@@ -836,7 +640,76 @@ class Trainer:
                     return {}
         return metrics
 
+    @property
+    def _plateau(self) -> bool:
+        return self.args.sched == "plateau"
+
+    def _eval_value(self, metrics: dict) -> float:
+        """timm's --eval-metric as timm's checkpoint ``metric`` holds it: top-1/top-5 accuracy in percent
+        (higher is better) or the validation loss (lower is better)."""
+        if self.args.eval_metric == "loss":
+            return metrics["nll"]
+        return 100.0 - metrics[f"{self.args.eval_metric}_err"]
+
+    def _better(self, value: float, than: float) -> bool:
+        return value < than if self.args.eval_metric == "loss" else value > than
+
+    def _keep_checkpoint(self, value: float | None, epoch: int) -> list[int]:
+        """--checkpoint-hist: whether this epoch joins the kept best checkpoints; the epochs it displaces."""
+        keep = self.args.checkpoint_hist
+        if value is None or keep <= 0:
+            return []
+        kept = sorted(
+            self.state.kept + [[value, epoch]],
+            key=lambda item: item[0],
+            reverse=self.args.eval_metric != "loss",
+        )
+        self.state.kept = kept[:keep]
+        return [e for _, e in kept[keep:]]
+
+    def _record_epoch(self, epoch: int, train_metrics: dict, metrics: dict, lr: float) -> Exception | None:
+        """Rank 0: the epoch's row in summary.csv (and wandb/TensorBoard), and its log line."""
+        # The same columns every epoch (empty when not validated): the CSV header is the first row's.
+        prefixes = ("", "ema_") if self.task.has_ema() else ("",)
+        keys = [f"{p}{k}" for p in prefixes for k in ("nll", "top1_err", "top5_err", "ece")]
+        eval_row = {k: metrics.get(k, "") for k in keys} if self.val_loader is not None else {}
+        if metrics:
+            _logger.info(
+                "epoch %d/%d validation: top-1 err %.2f%%  top-5 err %.2f%%  NLL %.4f  ECE %.2f%%  (%d images)",
+                epoch + 1,
+                self.num_epochs,
+                metrics["top1_err"],
+                metrics["top5_err"],
+                metrics["nll"],
+                metrics["ece"],
+                metrics["num_samples"],
+            )
+        try:
+            update_summary(epoch, train_metrics, eval_row, self.out_dir / "summary.csv", lr=lr)
+            self.scalars.log(epoch, train_metrics, {k: v for k, v in eval_row.items() if v != ""}, lr)
+        except OSError as e:
+            return ckpt.CheckpointError(f"cannot write {self.out_dir / 'summary.csv'}: {e}")
+        return None
+
+    def _copy_epoch_checkpoints(self, epoch: int, is_best: bool, dropped: list[int]) -> Exception | None:
+        """Rank 0: last.pth.tar copied to model_best and to this epoch's kept checkpoint; displaced ones go."""
+        last = self.out_dir / ckpt.LAST
+        targets = [self.out_dir / ckpt.BEST] if is_best else []
+        if any(e == epoch for _, e in self.state.kept):
+            targets.append(self.out_dir / f"checkpoint-{epoch}.pth.tar")
+        try:
+            for target in targets:
+                ckpt.copy_checkpoint(last, target)
+            for old in dropped:
+                (self.out_dir / f"checkpoint-{old}.pth.tar").unlink(missing_ok=True)
+        except OSError as e:
+            return ckpt.CheckpointError(f"cannot copy {last}: {e}")
+        return None
+
     def close(self) -> None:
+        if getattr(self, "scalars", None) is not None:
+            self.scalars.close()
+            self.scalars = None
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None

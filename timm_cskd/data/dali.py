@@ -258,6 +258,43 @@ def val_resize_shorter(input_size, crop_pct: float) -> int:
     return math.floor(input_size[-2] / crop_pct)
 
 
+def _train_interpolation(args, data_config):
+    """timm's --train-interpolation: a fixed filter, or per image bilinear or bicubic for ``random``."""
+    name = args.train_interpolation or data_config["interpolation"]
+    if name == "random":
+        choice = fn.random.choice([int(types.INTERP_LINEAR), int(types.INTERP_CUBIC)])
+        return fn.cast(choice, dtype=types.DALIDataType.INTERP_TYPE)
+    if name not in INTERP:
+        raise ConfigError(f"--train-interpolation {name}: DALI offers {', '.join(INTERP)} and random")
+    return INTERP[name]
+
+
+# timm augmentation flags the DALI pipeline does not implement, with their inactive values.
+DALI_UNSUPPORTED = {
+    "aa": None,
+    "reprob": 0.0,
+    "vflip": 0.0,
+    "no_aug": False,
+    "train_crop_mode": None,
+    "color_jitter_prob": None,
+    "grayscale_prob": None,
+    "gaussian_blur_prob": None,
+}
+
+
+def check_dali_augmentation(args) -> None:
+    """DALI decodes with a random-resized crop, resizes, colour-jitters and flips; refuse the rest by name."""
+    unsupported = [
+        f"--{k.replace('_', '-')} {getattr(args, k)!r}"
+        for k, off in DALI_UNSUPPORTED.items()
+        if getattr(args, k) != off
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"--data-backend dali does not implement {', '.join(unsupported)}: use --data-backend torch (timm's transforms)"
+        )
+
+
 def _normalise(images, data_config, *, mirror, layout: str, dtype):
     mean = [255 * m for m in data_config["mean"]]
     std = [255 * s for s in data_config["std"]]
@@ -377,8 +414,17 @@ class DaliTrainLoader(_DaliLoader):
                 images,
                 resize_x=size[1],
                 resize_y=size[0],
-                interp_type=INTERP.get(args.train_interpolation, types.INTERP_LINEAR),
+                interp_type=_train_interpolation(args, self.data_config),
             )
+            if args.color_jitter:
+                # timm's ColorJitter(b, c, s) factors, each uniform in [max(0, 1 - cj), 1 + cj].
+                cj = [max(0.0, 1.0 - args.color_jitter), 1.0 + args.color_jitter]
+                images = fn.color_twist(
+                    images,
+                    brightness=fn.random.uniform(range=cj),
+                    contrast=fn.random.uniform(range=cj),
+                    saturation=fn.random.uniform(range=cj),
+                )
             mirror = fn.random.coin_flip(probability=args.hflip)
             images = _normalise(images, self.data_config, mirror=mirror, layout=self.layout, dtype=dtype)
             return images, labels.gpu() if device_id is not None else labels
@@ -519,9 +565,16 @@ def create_dali_loaders(
             f"--data-backend dali decodes one augmented view per image; this method needs {views}: "
             "use --data-backend torch"
         )
+    check_dali_augmentation(args)
     device_id = dali_device_id(ctx.device)
     sampler = create_batch_sampler(
-        train_index, batches, args.batch_size, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed
+        train_index,
+        batches,
+        args.batch_size,
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        seed=args.seed,
+        repeats=args.aug_repeats,
     )
     train = DaliTrainLoader(train_index, sampler, data_config, args, device_id)
     val = None

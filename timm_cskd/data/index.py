@@ -63,6 +63,20 @@ class ImageIndex:
         relative = {os.path.relpath(os.path.abspath(f), root) for f in files}
         return self.without({p for p in relative if not p.startswith("..")})
 
+    def with_classes(self, classes: list[str]) -> ImageIndex:
+        """Only the images of ``classes``, labelled by their position there (timm's --class-map)."""
+        missing = [c for c in classes if c not in self.classes]
+        if missing:
+            raise DataIndexError(f"--class-map names classes {missing[:5]} that {self.root} does not have")
+        new_label = np.full(len(self.classes), -1, dtype=np.int64)
+        for i, name in enumerate(classes):
+            new_label[self.classes.index(name)] = i
+        labels = new_label[self.labels]
+        keep = np.flatnonzero(labels >= 0)
+        return ImageIndex(
+            self.root, [self.paths[i] for i in keep], labels[keep], list(classes), self.excluded
+        )
+
     def without(self, bad_paths: set[str]) -> ImageIndex:
         """This index minus the given root-relative paths (e.g. the verify tool's undecodable files)."""
         keep = [i for i, p in enumerate(self.paths) if p not in bad_paths]
@@ -194,9 +208,18 @@ def _save_cache(path: Path, index: ImageIndex, mtimes: dict[str, int]) -> None:
     os.replace(tmp, path)
 
 
+# timm's split synonyms: asking for one of a group also finds the others.
+SPLIT_SYNONYMS = (("train", "training"), ("validation", "val", "valid", "eval", "evaluation"))
+
+
 def find_split(data_dir: str | os.PathLike, names: list[str]) -> Path | None:
-    """The first of ``data_dir/<name>`` (folder) or ``data_dir/<name>.txt`` (list file) that exists."""
+    """The first of ``data_dir/<name>`` (folder) or ``data_dir/<name>.txt`` (list file) that exists,
+    trying timm's synonyms of each name after it (``validation`` also finds ``val``)."""
+    expanded = []
     for name in names:
+        group = next((g for g in SPLIT_SYNONYMS if name in g), (name,))
+        expanded += [name] + [n for n in group if n != name]
+    for name in dict.fromkeys(expanded):
         for candidate in (Path(data_dir) / name, Path(data_dir) / f"{name}.txt"):
             if candidate.exists():
                 return candidate

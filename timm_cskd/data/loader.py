@@ -28,6 +28,7 @@ __all__ = [
     "SeededBatches",
     "build_transforms",
     "build_val_transform",
+    "train_transform_kwargs",
     "create_batch_sampler",
     "create_train_loader",
     "create_val_loader",
@@ -97,20 +98,24 @@ class ImageIndexDataset(Dataset):
 
 @contextlib.contextmanager
 def _seeded(seed: int | None):
-    """Run timm's transforms (python ``random`` and torch's CPU RNG) from ``seed``, leaving both as they were."""
+    """Run timm's transforms from ``seed``: python's ``random``, torch's CPU generator and NumPy's global
+    RNG (RandAugment and AugMix draw their operations from it), leaving all three as they were."""
     if seed is None:
         yield
         return
     # The CPU generator directly: torch.manual_seed also visits every accelerator backend (~100 us).
     generator = torch.default_generator
     python_state, torch_state = random.getstate(), generator.get_state()
+    numpy_state = np.random.get_state()  # noqa: NPY002 - the global RNG timm's augmentations use
     generator.manual_seed(seed)
     random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
     try:
         yield
     finally:
         random.setstate(python_state)
         generator.set_state(torch_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
 
 
 class SeededBatches(torch.utils.data.Sampler[list[tuple[int, int]]]):
@@ -166,6 +171,36 @@ class SignalSafeDataLoader(DataLoader):
             return super()._get_iterator()
 
 
+def train_transform_kwargs(args, data_config: dict) -> dict:
+    """``create_transform``'s training arguments from timm train.py's flags, as timm's ``create_loader``
+    passes them (normalising in the transform: this loader has no prefetcher)."""
+    interpolation = args.train_interpolation
+    if args.no_aug or not interpolation:
+        interpolation = data_config["interpolation"]
+    return dict(
+        input_size=data_config["input_size"],
+        is_training=True,
+        no_aug=args.no_aug,
+        train_crop_mode=args.train_crop_mode,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob,
+        auto_augment=args.aa,
+        interpolation=interpolation,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        re_num_splits=0,
+    )
+
+
 def build_transforms(args, data_config: dict, views: list[dict] | None = None):
     """timm transforms: random-resized-crop + flip for training, resize + centre crop for validation.
 
@@ -173,18 +208,7 @@ def build_transforms(args, data_config: dict, views: list[dict] | None = None):
     view; with more than one the training transform is a list, one per view."""
 
     def train_transform(**overrides):
-        kwargs = dict(
-            input_size=data_config["input_size"],
-            is_training=True,
-            scale=tuple(args.scale),
-            ratio=tuple(args.ratio),
-            hflip=args.hflip,
-            color_jitter=args.color_jitter or None,
-            interpolation=args.train_interpolation,
-            mean=data_config["mean"],
-            std=data_config["std"],
-        )
-        return create_transform(**{**kwargs, **overrides})
+        return create_transform(**{**train_transform_kwargs(args, data_config), **overrides})
 
     views = views or [{}]
     train = train_transform(**views[0]) if len(views) == 1 else [train_transform(**v) for v in views]
@@ -204,15 +228,22 @@ def build_val_transform(data_config: dict):
 
 
 def create_batch_sampler(
-    index: ImageIndex, batches: str, batch_size: int, *, num_replicas: int, rank: int, seed: int
+    index: ImageIndex,
+    batches: str,
+    batch_size: int,
+    *,
+    num_replicas: int,
+    rank: int,
+    seed: int,
+    repeats: float = 0,
 ):
     """The epoch plan a method's ``batches`` declaration asks for: plain shuffled images, class-pair
-    anchors with partners (``anchor``), or a partition into same-class pairs (``paired``)."""
+    anchors with partners (``anchor``), or a partition into same-class pairs (``paired``); ``repeats`` is
+    timm's --aug-repeats."""
+    common = dict(num_replicas=num_replicas, rank=rank, seed=seed, repeats=repeats)
     if batches == "plain":
-        return ShuffledBatchSampler(len(index), batch_size, num_replicas=num_replicas, rank=rank, seed=seed)
-    return ClassPairSampler(
-        index.labels, batch_size, mode=batches, num_replicas=num_replicas, rank=rank, seed=seed
-    )
+        return ShuffledBatchSampler(len(index), batch_size, **common)
+    return ClassPairSampler(index.labels, batch_size, mode=batches, **common)
 
 
 def create_train_loader(
@@ -220,7 +251,13 @@ def create_train_loader(
 ):
     dataset = ImageIndexDataset(index, transform)
     batch_sampler = create_batch_sampler(
-        index, batches, args.batch_size, num_replicas=num_replicas, rank=rank, seed=args.seed
+        index,
+        batches,
+        args.batch_size,
+        num_replicas=num_replicas,
+        rank=rank,
+        seed=args.seed,
+        repeats=args.aug_repeats,
     )
     return SignalSafeDataLoader(
         dataset,
@@ -230,7 +267,8 @@ def create_train_loader(
         worker_init_fn=init_loader_worker,
         # Its own generator: creating an epoch's iterator must not consume the global RNG (exact resume).
         generator=torch.Generator(),
-        persistent_workers=False,
+        # timm's --use-multi-epochs-loader: workers kept across epochs (augmentation is seeded per sample).
+        persistent_workers=args.use_multi_epochs_loader and args.workers > 0,
     )
 
 

@@ -118,8 +118,6 @@ def resolve_method(args) -> tuple[type[Method], dict]:
         if key in kwargs and kwargs[key] != value:
             raise ConfigError(f"{option} {value} disagrees with --method-kwargs {key}={kwargs[key]}")
         kwargs[key] = value
-    if cls.name == "ls" and args.smoothing:
-        raise ConfigError("--method ls takes its eps as --method-kwargs smoothing=...; drop --smoothing")
     if args.plain_sampler and cls.batches != "plain":
         raise ConfigError(f"--plain-sampler gives no class pairs, which --method {cls.name} trains on")
     return cls, method_hparams(cls, kwargs)

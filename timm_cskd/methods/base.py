@@ -138,7 +138,9 @@ class Method(TrainingTask):
         *,
         mixup_fn: Mixup | None = None,
         smoothing: float = 0.0,
+        bce: nn.Module | None = None,
         teacher: nn.Module | None = None,
+        normalization: tuple | None = None,
         kd: KDConfig | None = None,
         device: torch.device | None = None,
     ):
@@ -147,16 +149,18 @@ class Method(TrainingTask):
         self.mixup_fn = mixup_fn
         # Mixup applies the smoothing inside its soft targets; the loss must not smooth them again.
         self.smoothing = 0.0 if mixup_fn is not None else smoothing
+        self.bce = bce
         self.trainable_module = self.build_trainable(model)
         self.teacher = teacher
         self.kd = kd if teacher is not None else None
         self.ce_weight = self.kd.task_weight if self.kd is not None else 1.0
         if teacher is not None:
+            # The student's inputs arrive normalised with the data config's mean/std: the teacher's
+            # re-normalisation starts from those (the model's pretrained_cfg when none is given).
             cfg = unwrap_model(model).pretrained_cfg
-            self.register_buffer(
-                "student_mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False
-            )
-            self.register_buffer("student_std", torch.tensor(cfg["std"]).view(1, -1, 1, 1), persistent=False)
+            mean, std = normalization or (cfg["mean"], cfg["std"])
+            self.register_buffer("student_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("student_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def build_trainable(self, model: nn.Module) -> nn.Module:
         return model
@@ -220,6 +224,9 @@ class Method(TrainingTask):
         return self.trainable_module
 
     def ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The method's classification loss: cross-entropy, or timm's BinaryCrossEntropy (--bce-loss)."""
+        if self.bce is not None:
+            return self.bce(logits.float(), target)
         return soft_cross_entropy(logits, target, self.smoothing)
 
     def mix(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -227,9 +234,14 @@ class Method(TrainingTask):
         unchanged inputs, hard targets and lambda 1 without Mixup."""
         if self.mixup_fn is None:
             return x, target, 1.0
+        if not self.mixup_fn.mixup_enabled:  # past --mixup-off-epoch: timm keeps its smoothed soft targets
+            return x, mixup_target(target, self.mixup_fn.num_classes, 1.0, self.mixup_fn.label_smoothing), 1.0
         if len(x) % 2:
             raise ValueError("Mixup needs an even number of images per batch")
         x = x.clone()
+        if self.mixup_fn.mode != "batch":  # per-pair/per-image lambdas: no single lambda to report
+            x, soft = self.mixup_fn(x, target)
+            return x, soft, float("nan")
         lam = self.mixup_fn._mix_batch(x)
         return x, mixup_target(target, self.mixup_fn.num_classes, lam, self.mixup_fn.label_smoothing), lam
 

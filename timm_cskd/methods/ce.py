@@ -39,8 +39,11 @@ class LabelSmoothing(CrossEntropy):
 
     def __init__(self, model, hp, **kwargs):
         super().__init__(model, hp, **kwargs)
+        # Its eps replaces --smoothing (timm's default 0.1 applies to every other method).
         if self.mixup_fn is None:
             self.smoothing = hp["smoothing"]
+        else:
+            self.mixup_fn.label_smoothing = hp["smoothing"]
 
 
 @register

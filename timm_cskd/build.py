@@ -1,0 +1,157 @@
+"""The objects the trainer builds from its flags, built as timm's ``train.py`` builds them and with timm's
+own functions (``create_model``, ``resolve_data_config``, ``Mixup``, ``BinaryCrossEntropy``,
+``create_optimizer_v2`` with ``optimizer_kwargs``, ``create_scheduler_v2`` with ``scheduler_kwargs``), so
+a timm user's command line or args.yaml means here what it means there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+import timm
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.data import resolve_data_config as timm_resolve_data_config
+from timm.layers import set_fast_norm
+from timm.loss import BinaryCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+from timm_cskd.config import ConfigError
+
+__all__ = [
+    "create_bce",
+    "create_mixup",
+    "create_model",
+    "create_optimizer",
+    "create_scheduler",
+    "import_device_modules",
+    "resolve_data_config",
+    "resolve_lr",
+]
+
+
+def import_device_modules(args) -> None:
+    for name in args.device_modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"--device-modules {name}: {e}") from e
+
+
+def create_model(args, num_classes: int) -> nn.Module:
+    """timm's model with train.py's arguments: drop rates, pooling, BatchNorm overrides, --model-kwargs,
+    --initial-checkpoint, --pretrained / --pretrained-path (the head adapted to ``num_classes``), head
+    initialisation, gradient checkpointing."""
+    if args.model not in timm.list_models() and not args.model.startswith(("hf-hub:", "local-dir:")):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model '{args.model}'{hint}")
+    if args.fast_norm:
+        set_fast_norm()
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    factory_kwargs = {}
+    if args.pretrained_path:
+        # timm's convention: the file replaces the pretrained source, num_classes -1 adapts the head.
+        factory_kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
+    try:
+        model = timm.create_model(
+            args.model,
+            pretrained=args.pretrained or bool(args.pretrained_path),
+            in_chans=in_chans,
+            num_classes=num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path if args.drop_path is not None else args.drop_connect,
+            drop_block_rate=args.drop_block,
+            global_pool=args.gp,
+            bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps,
+            checkpoint_path=args.initial_checkpoint or None,
+            **factory_kwargs,
+            **args.model_kwargs,
+        )
+    except (RuntimeError, OSError, TypeError) as e:
+        source = (
+            args.initial_checkpoint
+            or args.pretrained_path
+            or ("pretrained weights" if args.pretrained else "")
+        )
+        raise ConfigError(
+            f"cannot create --model {args.model} {('from ' + source) if source else ''}: {e}"
+        ) from e
+    classifier = model.get_classifier()
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            classifier.weight.mul_(args.head_init_scale)
+            classifier.bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None:
+            nn.init.constant_(classifier.bias, args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    return model
+
+
+def resolve_data_config(args, model: nn.Module) -> dict:
+    """Input size, interpolation, mean/std and crop from the flags, the model's defaults filling the rest."""
+    return timm_resolve_data_config(vars(args), model=model)
+
+
+def create_mixup(args, num_classes: int) -> Mixup | None:
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def create_bce(args, mixup: bool) -> BinaryCrossEntropy | None:
+    """timm's --bce-loss: with Mixup the soft targets carry the smoothing; without it the loss applies it."""
+    if not args.bce_loss:
+        return None
+    return BinaryCrossEntropy(
+        smoothing=0.0 if mixup else args.smoothing,
+        target_threshold=args.bce_target_thresh,
+        sum_classes=args.bce_sum,
+        pos_weight=args.bce_pos_weight,
+    )
+
+
+def resolve_lr(args, world_size: int) -> float:
+    """--lr, or --lr-base scaled by the global batch (gradient accumulation included) over --lr-base-size,
+    linearly or by its square root (timm's default for ada*/lamb optimizers)."""
+    if args.lr:
+        return args.lr
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or (
+        "sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear"
+    )
+    return args.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
+
+
+def create_optimizer(args, module: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer over ``module``; --weight-decay-bias-bn also decays biases and norm weights."""
+    return create_optimizer_v2(
+        module,
+        **optimizer_kwargs(cfg=args),
+        filter_bias_and_bn=not args.weight_decay_bias_bn,
+        **args.opt_kwargs,
+    )
+
+
+def create_scheduler(args, optimizer, updates_per_epoch: int):
+    """timm's scheduler and the number of epochs it runs (warmup prefix and cooldown included)."""
+    return create_scheduler_v2(
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        updates_per_epoch=updates_per_epoch,
+    )

@@ -1,0 +1,217 @@
+"""An experiment's set-up around the training loop: its folder (named, locked, never overwritten by
+accident), logging, seeds, the dataset indices, and the checks of the flags taken together.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from timm_cskd import checkpoint as ckpt
+from timm_cskd.config import ConfigError, refused_settings
+from timm_cskd.data.index import DataIndexError, build_index, find_split
+from timm_cskd.data.verify import read_exclude_list
+from timm_cskd.distributed import Context
+from timm_cskd.methods import Method, resolve_method
+from timm_cskd.run_lock import RunLock, RunLockedError
+
+__all__ = ["load_indices", "open_experiment", "seed_everything", "setup_logging", "validate_args"]
+
+_logger = logging.getLogger("timm_cskd.train")
+
+
+def setup_logging(ctx: Context, log_file: Path | None) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    level = logging.INFO if ctx.primary else logging.WARNING
+    fmt = logging.Formatter(
+        "%(asctime)s %(message)s" if ctx.primary else f"[rank {ctx.rank}] %(message)s", "%H:%M:%S"
+    )
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if log_file is not None and ctx.primary:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(file_handler)
+    root.setLevel(level)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - timm's Mixup uses the global RNG
+    torch.manual_seed(seed)
+
+
+def open_experiment(args, ctx: Context) -> tuple[Path, RunLock | None]:
+    """The experiment folder, locked by rank 0 for the run's life; every rank fails alike if it cannot."""
+    name = args.experiment
+    if not name:
+        if args.resume == "auto":
+            raise ConfigError("--resume auto needs --experiment to know which folder to resume")
+        # timm's naming (date-model-size), with the method.
+        size = (args.input_size or [None, None, args.img_size])[-1]
+        parts = [time.strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_"), args.method, size]
+        name = ctx.broadcast("-".join(str(p) for p in parts if p is not None))
+        args.experiment = name
+    # timm's default root when --output is empty.
+    folder = Path(args.output or "output/train") / name
+    lock, error = None, None
+    if ctx.primary:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(folder)
+            lock.acquire()
+            previous = [
+                folder / f
+                for f in (ckpt.LAST, ckpt.PREVIOUS, ckpt.BEST, "summary.csv")
+                if (folder / f).exists()
+            ]
+            if previous and not args.resume:
+                if not args.overwrite:
+                    raise ConfigError(
+                        f"{folder} already holds a training run: pass --resume auto to continue it, --overwrite "
+                        "to start it over (its checkpoints and summary are deleted), or another --experiment"
+                    )
+                for path in previous:
+                    path.unlink()
+        except (ConfigError, RunLockedError, OSError) as e:
+            if lock is not None:
+                lock.release()
+                lock = None
+            error = e
+    ctx.fail_together(error)
+    return folder, lock
+
+
+def resolve_data_dir(args, ctx: Context) -> Path:
+    if args.data_dir is not None:
+        return Path(args.data_dir)
+    from timm_cskd.data.demo import demo_data_dir
+
+    if ctx.primary:
+        demo_data_dir()
+    ctx.barrier()
+    return demo_data_dir()
+
+
+def read_class_map(path: str) -> list[str]:
+    """timm's txt class map: one class folder name per line, in label order."""
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise ConfigError(f"--class-map {path}: {e}") from e
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError(f"--class-map {path}: expected distinct class names, one per line")
+    return names
+
+
+def load_indices(args, ctx: Context, out_dir: Path):
+    """Train/val indices. Rank 0 scans (and caches) first, then the other ranks read its cache."""
+    data_dir = resolve_data_dir(args, ctx)
+    if not data_dir.is_dir():
+        raise DataIndexError(f"--data-dir {data_dir} does not exist or is not a folder")
+    train_path = find_split(data_dir, [args.train_split])
+    if train_path is None:
+        raise DataIndexError(f"no '{args.train_split}' folder or list file in {data_dir}")
+    val_path = find_split(data_dir, [args.val_split])
+    cache_dir = out_dir / "index-cache"
+    class_map = read_class_map(args.class_map) if args.class_map else None
+
+    def build():
+        train = build_index(train_path, cache_dir=cache_dir)
+        if class_map is not None:
+            train = train.with_classes(class_map)
+        if args.num_classes is not None and args.num_classes != train.num_classes:
+            kind = "class folders" if train_path.is_dir() else "classes"
+            raise DataIndexError(
+                f"--num-classes is {args.num_classes} but {train_path} has {train.num_classes} {kind}"
+            )
+        val = None
+        if val_path is not None:
+            val = build_index(
+                val_path, cache_dir=cache_dir, classes=None if val_path.is_dir() else train.classes
+            )
+            if val_path.is_dir():
+                val = val.with_classes(train.classes)
+        return train, val
+
+    # Rank 0 scans first (minutes on network storage); the other ranks then read its cache.
+    indices, error = None, None
+    if ctx.primary:
+        try:
+            indices = build()
+        except (DataIndexError, OSError) as e:
+            error = e
+    ctx.fail_together(error, slow=True)
+    if not ctx.primary:
+        try:
+            indices = build()
+        except (DataIndexError, OSError) as e:
+            error = e
+    ctx.fail_together(error)
+    train, val = indices
+    if args.exclude_list:
+        listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
+        train, val = (None if index is None else index.without_files(listed) for index in (train, val))
+        excluded = len(train.excluded) + (len(val.excluded) if val is not None else 0)
+        _logger.info("excluding %d undecodable images listed in %s", excluded, args.exclude_list)
+    return train, val
+
+
+def validate_args(args) -> type[Method]:
+    """Check the flags together; resolve the method (``args.method``, ``args.method_kwargs`` become its
+    name and full hyper-parameters, as args.yaml records them) and return its class."""
+    refused = refused_settings(args)
+    if refused:
+        raise ConfigError("timm train.py settings this trainer cannot honour: " + "; ".join(refused))
+    method_cls, args.method_kwargs = resolve_method(args)
+    args.method = method_cls.name
+    if args.data is not None:  # timm's deprecated positional data dir
+        if args.data_dir is not None and args.data_dir != args.data:
+            raise ConfigError(f"two data folders: positional {args.data} and --data-dir {args.data_dir}")
+        args.data_dir = args.data
+    if args.recovery_interval:  # timm's name for a mid-epoch checkpoint interval
+        if args.checkpoint_interval and args.checkpoint_interval != args.recovery_interval:
+            raise ConfigError("--recovery-interval and --checkpoint-interval disagree: give one")
+        args.checkpoint_interval = args.recovery_interval
+    if args.grad_accum_steps < 1:
+        raise ConfigError(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
+    mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_on and method_cls.batches != "plain" and args.mixup_mode != "batch":
+        raise ConfigError(
+            f"--method {args.method} mixes partners' predictions with the batch's one lambda: use --mixup-mode batch"
+        )
+    if args.bce_loss and method_cls.name != "ce":
+        raise ConfigError(
+            f"--bce-loss replaces the softmax cross-entropy of --method ce; --method {args.method} is defined "
+            "on softmax probabilities"
+        )
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if method_cls.batches == "paired" and args.batch_size % 2:
+        raise ConfigError(
+            f"--method {args.method} needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"
+        )
+    if mixup_on:
+        if not method_cls.mixup:
+            raise ConfigError(
+                f"--method {args.method} does not compose with Mixup/CutMix: {method_cls.mixup_note}"
+            )
+        if args.batch_size % 2:
+            raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {args.batch_size}")
+    if args.data_backend == "dali":
+        importlib.import_module("timm_cskd.data.dali")  # raises with install instructions when missing
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.val_interval < 1:
+        raise ConfigError(f"--val-interval must be >= 1, got {args.val_interval}")
+    return method_cls
