@@ -19,7 +19,7 @@ from timm_cskd.config import ConfigError, refused_settings
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context
-from timm_cskd.methods import Method, resolve_method
+from timm_cskd.methods import Method, kd_config, resolve_method
 from timm_cskd.run_lock import RunLock, RunLockedError
 
 __all__ = ["load_indices", "open_experiment", "seed_everything", "setup_logging", "validate_args"]
@@ -189,6 +189,12 @@ def validate_args(args) -> type[Method]:
     if mixup_on and method_cls.batches != "plain" and args.mixup_mode != "batch":
         raise ConfigError(
             f"--method {args.method} mixes partners' predictions with the batch's one lambda: use --mixup-mode batch"
+        )
+    kd_config(args)  # the distillation flags fail here, before any folder or scan
+    if args.aa and any("auto_augment" in view for view in method_cls.views(args.method_kwargs)):
+        raise ConfigError(
+            f"--method {args.method} sets its own augmentation policy for one of its views "
+            "(--method-kwargs auto_augment=...); --aa would change its standard view too: drop --aa"
         )
     if args.bce_loss and method_cls.name != "ce":
         raise ConfigError(
