@@ -371,3 +371,56 @@ def test_mixup_stops_at_mixup_off_epoch_and_keeps_smoothed_targets(data_dir, tmp
     first, second = seen[:6], seen[6:]
     assert all(enabled for enabled, _ in first) and not any(enabled for enabled, _ in second)
     assert all(peak == pytest.approx(1 - 0.1 + 0.1 / 4) for _, peak in second), "smoothed one-hot targets"
+
+
+@pytest.mark.parametrize("method", ["virtual-softmax", "byot"])
+def test_wrapper_methods_get_timms_layer_decay_groups(data_dir, tmp_path, method):
+    """A method that wraps the model (extra heads, features) still gets timm's no-weight-decay and
+    layer-decay groups for the model's parameters, and agc clipping leaves the classifier out."""
+    common = ["--data-dir", str(data_dir), "--output", str(tmp_path), "--model", "test_vit", "--img-size", "32",
+              "-j", "0", "-b", "8", "--opt", "adamw", "--layer-decay", "0.65", "--weight-decay", "0.05"]  # fmt: skip
+    plain = Trainer(parse_args([*common, "--experiment", "ce", "--method", "ce"]))
+    wrapped = Trainer(parse_args([*common, "--experiment", "w", "--method", method]))
+
+    def groups(trainer):
+        names = {
+            id(p): n.removeprefix("model.") for n, p in trainer.task.get_trainable_module().named_parameters()
+        }
+        return {
+            names[id(p)]: (g["lr_scale"], g["weight_decay"])
+            for g in trainer.optimizer.param_groups
+            for p in g["params"]
+        }
+
+    ours, reference = groups(wrapped), groups(plain)
+    for name, setting in reference.items():
+        if name.startswith("head."):
+            continue  # virtual-softmax's classifier has no bias
+        assert ours[name] == setting, name
+    assert len({scale for scale, _ in ours.values()}) > 2
+    clipped = {id(p) for p in wrapped.task.get_clip_parameters(exclude_head=True)}
+    head = wrapped.task.get_eval_model().get_classifier()
+    assert not clipped & {id(p) for p in head.parameters()}
+    assert len(clipped) == len(list(wrapped.task.get_trainable_module().parameters())) - len(
+        list(head.parameters())
+    )
+    plain.close()
+    wrapped.close()
+
+
+def test_our_args_yaml_loads_back_and_an_empty_val_split_means_no_validation(data_dir, tmp_path):
+    import yaml
+
+    first = parse_args(["--data-dir", str(data_dir), "--output", str(tmp_path), "--experiment", "a", "--model",
+                        "test_resnet", "--img-size", "32", "-j", "0", "-b", "8", "--epochs", "1", "--val-split", "",
+                        *PLAIN_RECIPE])  # fmt: skip
+    metrics = run(first)
+    assert metrics == {}, "no validation split, no validation"
+    saved = tmp_path / "a" / "args.yaml"
+    again = parse_args(["-c", str(saved), "--experiment", "b"])
+    recorded = yaml.safe_load(saved.read_text())
+    for key, value in recorded.items():
+        if key != "experiment":
+            assert getattr(again, key) == value, key
+    status = (tmp_path / "a" / "status.json").read_text()
+    assert '"finished": true' in status and '"epochs_planned": 1' in status

@@ -69,6 +69,10 @@ REFUSED = {
 }  # fmt: skip
 
 
+# timm's names for the folder dataset this trainer reads.
+FOLDER_DATASETS = ("", "folder", "imagefolder")
+
+
 def _refused_help(dest: str) -> str:
     return f"refused unless {REFUSED[dest][0]!r}: {REFUSED[dest][1]}"
 
@@ -530,6 +534,8 @@ def refused_settings(args: argparse.Namespace) -> list[str]:
     found = []
     for dest, (default, reason) in REFUSED.items():
         value = getattr(args, dest)
+        if dest == "dataset" and value in FOLDER_DATASETS:
+            continue
         if isinstance(value, tuple):
             value = list(value)
         if value != default:
@@ -565,7 +571,11 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
             value = getattr(namespace, dest)
         if action.type is not None and value is not None and not isinstance(value, list | tuple):
             value = action.type(value)
-        if action.choices is not None and value not in action.choices:
+        if (
+            action.choices is not None
+            and value not in action.choices
+            and not (value is None and action.default is None)
+        ):
             raise ConfigError(
                 f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}"
                 + (" (quote it: bare yes/no/on/off are YAML booleans)" if isinstance(value, bool) else "")
@@ -591,6 +601,7 @@ def parse_args(
 
 
 def dump_args(args: argparse.Namespace, path: str | os.PathLike) -> None:
-    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    """The resolved configuration, loadable again with -c (as timm's args.yaml is)."""
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "config"}
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(values, f, sort_keys=False)

@@ -122,7 +122,7 @@ def load_indices(args, ctx: Context, out_dir: Path):
     train_path = find_split(data_dir, [args.train_split])
     if train_path is None:
         raise DataIndexError(f"no '{args.train_split}' folder or list file in {data_dir}")
-    val_path = find_split(data_dir, [args.val_split])
+    val_path = find_split(data_dir, [args.val_split]) if args.val_split else None  # '': no validation
     cache_dir = out_dir / "index-cache"
     class_map = read_class_map(args.class_map) if args.class_map else None
 
@@ -183,6 +183,8 @@ def validate_args(args) -> type[Method]:
         if args.checkpoint_interval and args.checkpoint_interval != args.recovery_interval:
             raise ConfigError("--recovery-interval and --checkpoint-interval disagree: give one")
         args.checkpoint_interval = args.recovery_interval
+    if args.aug_repeats and args.aug_repeats < 1:
+        raise ConfigError(f"--aug-repeats must be 0 (off) or >= 1, got {args.aug_repeats}")
     if args.grad_accum_steps < 1:
         raise ConfigError(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
     mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None

@@ -651,7 +651,9 @@ class _Stop:
 
 def _run_logged(command: list[str], log: Path, stop: _Stop) -> int:
     """Run ``command`` with its output appended to ``log`` (a resumed cell keeps its earlier attempts)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # torchrun SIGKILLs its workers 30 s after passing on a SIGTERM unless told to wait: a trainer needs
+    # up to --log-interval updates to notice, then a checkpoint save.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300")
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
         f.flush()
@@ -673,14 +675,12 @@ def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 def _trained_to_the_end(cell: Cell) -> bool:
-    """Whether the trainer finished its last epoch: it also exits 0 after saving on SIGTERM."""
+    """Whether the trainer finished its last epoch (it also exits 0 after saving on SIGTERM), as its
+    status.json says: the schedule's epoch count, cooldown and warmup prefix included."""
     try:
-        epochs = yaml.safe_load((cell.train_dir / "args.yaml").read_text())["epochs"]
-        with open(cell.train_dir / "summary.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return bool(json.loads((cell.train_dir / "status.json").read_text())["finished"])
+    except (OSError, KeyError, ValueError):
         return False
-    return bool(rows) and int(rows[-1]["epoch"]) == int(epochs) - 1
 
 
 def _stopped(cell: Cell, record: dict, stage: str, code: int, log: Path, interrupted: bool, start: float):

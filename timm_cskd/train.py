@@ -7,6 +7,7 @@ timm TrainingTask, timm's optimizer/scheduler/EMA, exact mid-epoch resume and SI
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -150,7 +151,7 @@ class Trainer:
                 self.val_loader = create_val_loader(
                     self.val_index,
                     val_tf,
-                    args.validation_batch_size or 2 * args.batch_size,
+                    args.validation_batch_size or args.batch_size,
                     num_replicas=ctx.world_size,
                     rank=ctx.rank,
                     workers=args.workers,
@@ -214,7 +215,15 @@ class Trainer:
         # An update every --grad-accum-steps batches, the last one taking whatever the epoch has left.
         self.updates_per_epoch = -(-len(self.train_loader) // args.grad_accum_steps)
         self.scheduler, self.num_epochs = build.create_scheduler(args, self.optimizer, self.updates_per_epoch)
-        self.scalars = ScalarLog(args, self.out_dir) if ctx.primary else None
+        self.scalars, error = None, None
+        if ctx.primary:
+            try:
+                self.scalars = ScalarLog(args, self.out_dir)
+            except Exception as e:  # a missing extra or wandb refusing to start: no rank may wait on rank 0
+                error = (
+                    e if isinstance(e, ConfigError) else ConfigError(f"--log-wandb/--log-tensorboard: {e}")
+                )
+        ctx.fail_together(error)
         self.state = TrainState()
         if resume is not None:
             self._resume(*resume)
@@ -351,7 +360,7 @@ class Trainer:
         self.state = TrainState(
             epoch=epoch,
             batch_in_epoch=batch,
-            global_step=epoch * self.updates_per_epoch + batch // args.grad_accum_steps,
+            global_step=epoch * self.updates_per_epoch + -(-batch // args.grad_accum_steps),
             best_metric=state["metric"],
             best_epoch=state["best_epoch"],
             kept=list(state.get("kept", [])),
@@ -415,7 +424,8 @@ class Trainer:
             if self.scaler is not None and args.clip_grad:
                 self.scaler.unscale_(self.optimizer)
             if args.clip_grad:
-                dispatch_clip_grad(self.task.get_clip_parameters(), args.clip_grad, mode=args.clip_mode)
+                parameters = self.task.get_clip_parameters(exclude_head="agc" in args.clip_mode)
+                dispatch_clip_grad(parameters, args.clip_grad, mode=args.clip_mode)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -480,10 +490,12 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         total_steps = self.num_epochs * self.updates_per_epoch
         batches, accum = len(self.train_loader), args.grad_accum_steps
-        last_group = batches - (batches - 1) % accum - 1  # the first batch of the epoch's last update
+        # Updates group --grad-accum-steps batches from where this pass starts (an elastic resume may start
+        # between an uninterrupted run's groups); the epoch's last update takes what is left.
+        start = state.batch_in_epoch
         for images, target in self.train_loader:
-            group = state.batch_in_epoch - state.batch_in_epoch % accum
-            group_size = accum if group < last_group else batches - last_group
+            group = start + (state.batch_in_epoch - start) // accum * accum
+            group_size = min(accum, batches - group)
             update = (state.batch_in_epoch + 1 - group) == group_size
             sums += self._train_step(images, target, group_size, update)
             state.batch_in_epoch += 1
@@ -531,7 +543,7 @@ class Trainer:
             return
         s = self.state
         loss, ce, reg = (v / max(terms, 1) for v in sums.tolist())
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self._lr()
         rate = self.args.batch_size * self.ctx.world_size * self.args.grad_accum_steps / step_time
         eta = (total_steps - s.global_step) * step_time
         batches = len(self.train_loader)
@@ -609,7 +621,7 @@ class Trainer:
                 # Every --val-interval epochs and at the last (timm's meaning).
                 last_epoch = epoch + 1 == self.num_epochs
                 metrics = self.validate() if last_epoch or (epoch + 1) % args.val_interval == 0 else {}
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self._lr()
                 value = self._eval_value(metrics) if metrics else None
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
                 state.epoch_sums, state.epoch_count = [0.0, 0.0, 0.0], 0
@@ -618,7 +630,7 @@ class Trainer:
                 )
                 if is_best:
                     state.best_metric, state.best_epoch = value, epoch
-                if self.scheduler is not None and (value is not None or not self._plateau):
+                if self.scheduler is not None:
                     self.scheduler.step(epoch + 1, value)
                 dropped = self._keep_checkpoint(value, epoch)
                 error = None
@@ -628,7 +640,7 @@ class Trainer:
                 # Commit the finished epoch to last.pth.tar (atomic), then copy it where it belongs.
                 self.save()
                 if self.ctx.primary:
-                    error = self._copy_epoch_checkpoints(epoch, is_best, dropped)
+                    error = self._copy_epoch_checkpoints(epoch, is_best, dropped) or self._write_status()
                 self.ctx.fail_together(error)
                 # A notice that came during validation or the save: stop now, not after more steps.
                 if state.epoch < self.num_epochs and self._agree(stop, check_finite=False):
@@ -640,16 +652,34 @@ class Trainer:
                     return {}
         return metrics
 
-    @property
-    def _plateau(self) -> bool:
-        return self.args.sched == "plateau"
+    def _write_status(self) -> Exception | None:
+        """Rank 0: ``status.json``, the epochs this run plans (the schedule's count: cooldown and a
+        warmup prefix included) and has finished, so a caller can tell a finished run from a stopped one."""
+        status = {
+            "epochs_planned": self.num_epochs,
+            "epochs_done": self.state.epoch,
+            "finished": self.state.epoch >= self.num_epochs,
+        }
+        try:
+            tmp = self.out_dir / ".status.json.tmp"
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, self.out_dir / "status.json")
+        except OSError as e:
+            return ckpt.CheckpointError(f"cannot write {self.out_dir / 'status.json'}: {e}")
+        return None
+
+    def _lr(self) -> float:
+        """The mean learning rate over parameter groups, as timm logs it (layer decay scales groups)."""
+        groups = self.optimizer.param_groups
+        return sum(g["lr"] for g in groups) / len(groups)
 
     def _eval_value(self, metrics: dict) -> float:
         """timm's --eval-metric as timm's checkpoint ``metric`` holds it: top-1/top-5 accuracy in percent
-        (higher is better) or the validation loss (lower is better)."""
+        (higher is better) or the validation loss (lower is better); the EMA's when there is one (timm)."""
+        prefix = "ema_" if self.task.has_ema() else ""
         if self.args.eval_metric == "loss":
-            return metrics["nll"]
-        return 100.0 - metrics[f"{self.args.eval_metric}_err"]
+            return metrics[f"{prefix}nll"]
+        return 100.0 - metrics[f"{prefix}{self.args.eval_metric}_err"]
 
     def _better(self, value: float, than: float) -> bool:
         return value < than if self.args.eval_metric == "loss" else value > than

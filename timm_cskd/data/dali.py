@@ -480,7 +480,7 @@ class DaliValLoader(_DaliLoader):
         super().__init__(index, device_id, args.channels_last)
         self.data_config, self.args = data_config, args
         self.indices = np.arange(rank, len(index), num_replicas)
-        self.batch_size = args.validation_batch_size or 2 * args.batch_size
+        self.batch_size = args.validation_batch_size or args.batch_size
         self._iterator = None
 
     def __len__(self) -> int:

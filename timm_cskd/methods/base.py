@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
+from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils.model import unwrap_model
 
@@ -89,6 +90,28 @@ class MethodModule(nn.Module):
 
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    # timm's optimizer factory reads these to exclude parameters from weight decay and to group layers
+    # for --layer-decay: the wrapper answers for its model, as timm's FeatureDistillationTrainableModule.
+    def no_weight_decay(self) -> set[str]:
+        model = unwrap_model(self.model)
+        return (
+            {f"model.{name}" for name in model.no_weight_decay()}
+            if hasattr(model, "no_weight_decay")
+            else set()
+        )
+
+    def group_matcher(self, coarse: bool = False):
+        model = unwrap_model(self.model)
+        if not hasattr(model, "group_matcher"):
+            return {}
+        layers = group_parameters(model, model.group_matcher(coarse=coarse), reverse=True)
+        extra = max(layers.values(), default=0)
+
+        def matcher(name: str) -> int:
+            return layers.get(name.removeprefix("model."), extra) if name.startswith("model.") else extra
+
+        return matcher
 
 
 class WithFeatures(MethodModule):
@@ -172,6 +195,14 @@ class Method(TrainingTask):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    def get_clip_parameters(self, exclude_head: bool = False):
+        """The trainable parameters to clip; ``exclude_head`` leaves out the model's classifier (timm's agc)."""
+        parameters = list(self.get_trainable_module().parameters())
+        if not exclude_head:
+            return parameters
+        head = {id(p) for p in unwrap_model(self.get_eval_model()).get_classifier().parameters()}
+        return [p for p in parameters if id(p) not in head]
 
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> Method:
         from torch.nn.parallel import DistributedDataParallel as DDP
