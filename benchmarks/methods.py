@@ -17,8 +17,8 @@ images entering the student's first convolution with and without grad, measured 
     python benchmarks/methods.py --device cuda --model resnet50 --img-size 224 \\
         --batch-size 256 --amp --channels-last                              # one GPU
 
-It subsumes ``train_throughput.py``'s CE vs CS-KD anchor vs paired comparison (the ``ce``, ``cskd`` and
-``cskd-paired`` rows).
+Its ``ce``, ``cskd`` and ``cskd-paired`` rows are the CE vs CS-KD anchor vs paired comparison the first
+release's ``train_throughput.py`` made.
 """
 
 from __future__ import annotations
