@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import make_image_folder
-from test_train import COLOURS, _assert_identical, _final_weights, _spawn, _wait_for, summary, tiny_args
+from test_train import (
+    COLOURS,
+    _assert_identical,
+    killed_and_resumed_run,
+    summary,
+    tiny_args,
+    uninterrupted_run,
+)
 from timm.task.distillation import DistillationTeacher
 
 from timm_cskd.checkpoint import load_checkpoint_file
@@ -293,24 +300,9 @@ def exact_kd(teacher_checkpoint):
     return ["--kd-model-name", str(teacher_checkpoint), "--mixup", "0.4", "--epochs", "2", "--checkpoint-interval", "2", "-j", "2"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory, exact_kd):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    proc = _spawn(tiny_args(data_dir, out, *exact_kd))
-    assert proc.wait() == 0, proc.stdout.read()
-    return _final_weights(out)
-
-
 @pytest.mark.slow
-def test_kd_run_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path, exact_kd, uninterrupted):
-    proc = _spawn(tiny_args(data_dir, tmp_path, *exact_kd))
-    _wait_for(tmp_path / "run" / "last.pth.tar", proc)
-    proc.kill()
-    proc.wait()
-    state = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
-    assert state["resume_epoch"] == 0 and 0 < state["resume_batch"] < 6, "the kill must land mid-epoch"
-    resumed = _spawn(tiny_args(data_dir, tmp_path, *exact_kd, "--resume", "auto"))
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
-    assert "resumed from" in output
-    _assert_identical(_final_weights(tmp_path), uninterrupted)
+def test_kd_run_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path, exact_kd):
+    expected = uninterrupted_run(data_dir, tmp_path / "a", exact_kd)
+    _assert_identical(
+        killed_and_resumed_run(data_dir, tmp_path / "b", exact_kd)["state_dict"], expected["state_dict"]
+    )

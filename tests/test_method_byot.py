@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_image_folder
 from safetensors.torch import load_file
 from test_method_ddgsd import Outputs, assert_ranks_identical, ddp_args, kl, torchrun_plain
-from test_train import _spawn, _wait_for, summary, tiny_args
+from test_train import killed_and_resumed_run, summary, tiny_args, uninterrupted_run
 
 from timm_cskd import evaluate, export
 from timm_cskd.checkpoint import load_checkpoint_file
@@ -212,21 +212,8 @@ EXACT = ["--mixup", "0.4", "--epochs", "2", "--checkpoint-interval", "2", "-j", 
 @pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_is_bit_identical_heads_included(data_dir, tmp_path):
     method = ["--method", "byot", *EXACT]
-    uninterrupted = _spawn(tiny_args(data_dir, tmp_path / "a", *method))
-    assert uninterrupted.wait() == 0, uninterrupted.stdout.read()
-
-    proc = _spawn(tiny_args(data_dir, tmp_path / "b", *method))
-    _wait_for(tmp_path / "b" / "run" / "last.pth.tar", proc)
-    proc.kill()
-    proc.wait()
-    state = load_checkpoint_file(tmp_path / "b" / "run" / "last.pth.tar")
-    assert state["resume_epoch"] == 0 and 0 < state["resume_batch"] < 6, "the kill must land mid-epoch"
-    resumed = _spawn(tiny_args(data_dir, tmp_path / "b", *method, "--resume", "auto"))
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
-    assert "resumed from" in output
-
-    expected, got = (load_checkpoint_file(tmp_path / d / "run" / "last.pth.tar") for d in ("a", "b"))
+    expected = uninterrupted_run(data_dir, tmp_path / "a", method)
+    got = killed_and_resumed_run(data_dir, tmp_path / "b", method)
     for part in (lambda s: s["state_dict"], lambda s: s["task_state"]["extra"]):
         assert part(expected).keys() == part(got).keys() and part(expected)
         for key, value in part(expected).items():

@@ -9,9 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from test_train import COLOURS, _assert_identical, _final_weights, _spawn, _wait_for, summary, tiny_args
+from test_train import (
+    COLOURS,
+    _assert_identical,
+    killed_and_resumed_run,
+    summary,
+    tiny_args,
+    uninterrupted_run,
+)
 
-from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import parse_args
 from timm_cskd.methods import get_method, method_hparams, resolve_method
 from timm_cskd.train import Trainer, main, run
@@ -232,27 +238,12 @@ def test_trains_through_the_trainer_and_loss_falls(data_dir, tmp_path, extra):
 EXACT = ["--method", "cskd-e", "--epochs", "2", "--checkpoint-interval", "2", "-j", "2"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    proc = _spawn(tiny_args(data_dir, out, *EXACT))
-    assert proc.wait() == 0, proc.stdout.read()
-    return _final_weights(out)
-
-
 @pytest.mark.slow
-def test_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path, uninterrupted):
-    proc = _spawn(tiny_args(data_dir, tmp_path, *EXACT))
-    _wait_for(tmp_path / "run" / "last.pth.tar", proc)
-    proc.kill()
-    proc.wait()
-    state = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
-    assert state["resume_epoch"] == 0 and 0 < state["resume_batch"] < 6, "the kill must land mid-epoch"
-    resumed = _spawn(tiny_args(data_dir, tmp_path, *EXACT, "--resume", "auto"))
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
-    assert "resumed from" in output
-    _assert_identical(_final_weights(tmp_path), uninterrupted)
+def test_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path):
+    expected = uninterrupted_run(data_dir, tmp_path / "a", EXACT)
+    _assert_identical(
+        killed_and_resumed_run(data_dir, tmp_path / "b", EXACT)["state_dict"], expected["state_dict"]
+    )
 
 
 def test_timms_aa_flag_is_refused_with_cskd_e(data_dir, tmp_path, capsys):

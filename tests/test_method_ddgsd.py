@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import PLAIN_RECIPE, make_image_folder
 from test_ddp import free_port
-from test_train import _spawn, _wait_for, summary, tiny_args
+from test_train import killed_and_resumed_run, summary, tiny_args, uninterrupted_run
 
 from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import parse_args
@@ -214,21 +214,8 @@ EXACT = ["--epochs", "2", "--checkpoint-interval", "2", "-j", "2"]
 @pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path):
     method = ["--method", "ddgsd", *EXACT]
-    uninterrupted = _spawn(tiny_args(data_dir, tmp_path / "a", *method))
-    assert uninterrupted.wait() == 0, uninterrupted.stdout.read()
-
-    proc = _spawn(tiny_args(data_dir, tmp_path / "b", *method))
-    _wait_for(tmp_path / "b" / "run" / "last.pth.tar", proc)
-    proc.kill()
-    proc.wait()
-    state = load_checkpoint_file(tmp_path / "b" / "run" / "last.pth.tar")
-    assert state["resume_epoch"] == 0 and 0 < state["resume_batch"] < 6, "the kill must land mid-epoch"
-    resumed = _spawn(tiny_args(data_dir, tmp_path / "b", *method, "--resume", "auto"))
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
-    assert "resumed from" in output
-
-    expected, got = (load_checkpoint_file(tmp_path / d / "run" / "last.pth.tar") for d in ("a", "b"))
+    expected = uninterrupted_run(data_dir, tmp_path / "a", method)
+    got = killed_and_resumed_run(data_dir, tmp_path / "b", method)
     assert expected["state_dict"].keys() == got["state_dict"].keys()
     for key in expected["state_dict"]:
         assert torch.equal(got["state_dict"][key], expected["state_dict"][key]), f"{key} differs"

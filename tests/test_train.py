@@ -132,28 +132,37 @@ def _wait_for(path, proc, timeout=120):
 EXACT = ["--mixup", "0.4", "--epochs", "2", "--checkpoint-interval", "2", "-j", "2"]
 
 
+def uninterrupted_run(data_dir, out, flags) -> dict:
+    """The final checkpoint of a run in its own process, start to end."""
+    proc = _spawn(tiny_args(data_dir, out, *flags))
+    assert proc.wait() == 0, proc.stdout.read()
+    return load_checkpoint_file(Path(out) / "run" / "last.pth.tar")
+
+
+def killed_and_resumed_run(data_dir, out, flags) -> dict:
+    """The final checkpoint of a run SIGKILLed at its first mid-epoch checkpoint, then resumed with
+    --resume auto: a crash gives no chance to clean up."""
+    proc = _spawn(tiny_args(data_dir, out, *flags))
+    _wait_for(Path(out) / "run" / "last.pth.tar", proc)
+    proc.kill()
+    proc.wait()
+    state = load_checkpoint_file(Path(out) / "run" / "last.pth.tar")
+    assert state["resume_epoch"] == 0 and 0 < state["resume_batch"] < 6, "the kill must land mid-epoch"
+    resumed = _spawn(tiny_args(data_dir, out, *flags, "--resume", "auto"))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    return load_checkpoint_file(Path(out) / "run" / "last.pth.tar")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    proc = _spawn(tiny_args(data_dir, out, *EXACT))
-    assert proc.wait() == 0, proc.stdout.read()
-    return _final_weights(out)
+    return uninterrupted_run(data_dir, tmp_path_factory.mktemp("uninterrupted"), EXACT)["state_dict"]
 
 
 @pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_is_bit_identical(data_dir, tmp_path, uninterrupted):
-    proc = _spawn(tiny_args(data_dir, tmp_path, *EXACT))
-    _wait_for(tmp_path / "run" / "last.pth.tar", proc)
-    proc.kill()
-    proc.wait()
-    state = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
-    assert state["resume_epoch"] == 0 and 0 < state["resume_batch"] < 6, "the kill must land mid-epoch"
-
-    resumed = _spawn(tiny_args(data_dir, tmp_path, *EXACT, "--resume", "auto"))
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
-    assert "resumed from" in output
-    _assert_identical(_final_weights(tmp_path), uninterrupted)
+    _assert_identical(killed_and_resumed_run(data_dir, tmp_path, EXACT)["state_dict"], uninterrupted)
 
 
 @pytest.mark.slow
