@@ -39,12 +39,12 @@ def instrument():
 
     train_step = Trainer._train_step
 
-    def step(self, images, target):
+    def step(self, images, target, *accumulation):
         epoch, batch = pending.popleft()
         if record_dir:
             with open(Path(record_dir) / f"rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps([epoch, batch]) + "\n")
-        result = train_step(self, images, target)
+        result = train_step(self, images, target, *accumulation)
         if self.state.global_step + 1 == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         if first_attempt and rank == 1 and self.state.global_step + 1 == crash_at:

@@ -37,7 +37,7 @@ import torch
 from timm_cskd.config import ConfigError
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.data.loader import create_batch_sampler
-from timm_cskd.data.workers import become_worker, stop_signal_blocked
+from timm_cskd.data.workers import become_deaf_worker
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -114,7 +114,7 @@ class _GoodFiles:
 
     def _report(self, i: int, reason: str) -> None:
         try:
-            fd = os.open(os.path.join(self.report_dir, str(i)), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            fd = os.open(os.path.join(self.report_dir, f"bad-{i}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except OSError:  # reported already, or the loader is gone
             return
         with os.fdopen(fd, "w") as f:
@@ -141,10 +141,9 @@ class _GoodFiles:
 
 
 def _in_reader() -> None:
-    """In a spawned reader (not when unpickled in the trainer): SIGTERM only from the trainer counts,
-    and the reader leaves with it."""
+    """In a spawned reader (not when unpickled in the trainer): deaf to SIGTERM, gone with the trainer."""
     if multiprocessing.parent_process() is not None:
-        become_worker()
+        become_deaf_worker()
 
 
 class _PlanSource:
@@ -329,7 +328,7 @@ class _DaliLoader:
     def log_reports(self) -> None:
         """Log, once each, the files the readers substituted."""
         for name in os.listdir(self._report_dir):
-            if name in self._reported:
+            if name in self._reported or not name.startswith("bad-"):
                 continue
             self._reported.add(name)
             with open(os.path.join(self._report_dir, name)) as f:
@@ -430,12 +429,10 @@ class DaliTrainLoader(_DaliLoader):
             return images, labels.gpu() if device_id is not None else labels
 
         pipe = pipeline()
-        # The readers inherit the blocked mask across spawn, so none can die of SIGTERM while starting.
-        with stop_signal_blocked():
-            pipe.build()
-            self._iterator = DALIGenericIterator(
-                pipe, ["images", "labels"], auto_reset=True, last_batch_policy=LastBatchPolicy.DROP
-            )
+        pipe.build()
+        self._iterator = DALIGenericIterator(
+            pipe, ["images", "labels"], auto_reset=True, last_batch_policy=LastBatchPolicy.DROP
+        )
 
     def __iter__(self):
         sampler = self.batch_sampler

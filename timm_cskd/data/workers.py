@@ -10,6 +10,10 @@ when the parent is gone (a SIGKILLed or crashed trainer).
 
 Workers must start with SIGTERM already blocked (``stop_signal_blocked`` around their start; the mask
 survives fork and exec), or one arriving while a worker starts up kills it first.
+
+Processes whose threads we do not create (DALI's spawned readers: spawning resets the signal mask and
+their threads start before our code runs, so no one thread can take SIGTERM) ignore it outright instead;
+DALI's own pool shutdown stops them, and they leave by themselves when the trainer is gone.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import contextlib
 import os
 import signal
 import threading
+import time
 
-__all__ = ["stop_signal_blocked", "become_worker"]
+__all__ = ["become_deaf_worker", "become_worker", "stop_signal_blocked"]
 
 STOP = signal.SIGTERM
 # How often the watcher notices a vanished parent.
@@ -35,6 +40,20 @@ def stop_signal_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
+def become_deaf_worker() -> None:
+    """In a worker with threads of its own: ignore SIGTERM, and exit with the parent."""
+    signal.signal(STOP, signal.SIG_IGN)
+    threading.Thread(
+        target=_watch_parent, args=(os.getppid(),), name="timm-cskd-parent-watch", daemon=True
+    ).start()
 
 
 def _watch(parent: int) -> None:
