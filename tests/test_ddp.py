@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -145,7 +146,8 @@ def test_torchrun_restarts_a_killed_rank_and_training_finishes(elastic_data, tmp
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "no checkpoint in" in output, "the first attempt starts fresh"
-    assert "resumed from" in output and "at epoch 0, batch 4" in output, "the restart resumes from step 4"
+    # From the step-4 checkpoint, or step 2's when torchrun stopped rank 0 while it was still writing it.
+    assert re.search(r"resumed from \S+ at epoch 0, batch [24] ", output), "the restart resumes mid-epoch"
     summary = (tmp_path / "out" / "run" / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == ["0", "1"]
 

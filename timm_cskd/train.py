@@ -203,9 +203,10 @@ class Trainer:
         if args.model_ema:
             self.task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if ctx.distributed:
+            # Only when asked: torch deprecates the argument, and True is its default.
+            ddp_kwargs = {"broadcast_buffers": False} if args.no_ddp_bb else {}
             self.task.prepare_distributed(
-                device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-                broadcast_buffers=not args.no_ddp_bb,
+                device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None, **ddp_kwargs
             )
         if args.torchcompile:
             self.task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
