@@ -5,6 +5,8 @@ Test-only faults and probes, from the environment:
 - ``STOP_AT_STEP``: every rank sends itself SIGTERM at that global step (a scheduler's preemption).
 - ``CRASH_AT_STEP``: rank 1 of the first torchrun attempt dies by SIGKILL at that step.
 - ``PER_RANK_OUTPUT``: each rank writes under ``--output``/node{R}, as nodes without shared storage do.
+- ``SLOW_RESTART``: on a torchrun restart, rank 1 starts that many seconds after rank 0 (a slow import
+  or file system), so rank 0 reads the store before rank 1 has written its new address to it.
 """
 
 import collections
@@ -12,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +60,8 @@ def instrument():
 
 if __name__ == "__main__":
     instrument()
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ["RANK"] == "1":
+        time.sleep(float(os.environ.get("SLOW_RESTART", 0)))
     args = parse_args(sys.argv[1:])
     if os.environ.get("PER_RANK_OUTPUT"):
         args.output = str(Path(args.output) / f"node{os.environ['RANK']}")

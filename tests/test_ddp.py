@@ -142,7 +142,10 @@ def test_torchrun_restarts_a_killed_rank_and_training_finishes(elastic_data, tmp
     args = elastic_args(
         elastic_data, tmp_path / "out", "--epochs", "2", "--checkpoint-interval", "2", "--resume", "auto"
     )
-    proc = torchrun(2, args, env={"CRASH_AT_STEP": "5"}, extra=["--max-restarts=1"])
+    # Rank 1 comes back late: torchrun's store still holds the first attempt's process-group
+    # addresses, which rank 0 must not connect to.
+    env = {"CRASH_AT_STEP": "5", "SLOW_RESTART": "3"}
+    proc = torchrun(2, args, env=env, extra=["--max-restarts=1"])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "no checkpoint in" in output, "the first attempt starts fresh"

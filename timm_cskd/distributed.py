@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -9,12 +10,43 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
+from torch.distributed.rendezvous import register_rendezvous_handler, rendezvous
 
 __all__ = ["Context", "setup_context"]
 
 # How long ranks wait for rank 0's one-off work (scanning a dataset on network storage can take many
 # minutes); the training process group keeps NCCL's default, so a hung step is still caught quickly.
 SLOW_WORK_TIMEOUT = timedelta(hours=3)
+
+
+_ATTEMPT_SCHEME = "timm-cskd-attempt"
+
+
+def _attempt_rendezvous(url, timeout=dist.default_pg_timeout, **kwargs):
+    """``env://`` with store keys private to this torchrun attempt.
+
+    torchrun keeps one store for every restart of its workers, so a restarted rank can read the
+    process-group address of a rank that died with the previous attempt and fail to connect (gloo:
+    "connectFullMesh failed ... Connection refused"; NCCL: a stale unique id). On one node every
+    worker shares the agent's restart count, which keeps the attempts apart.
+    """
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    yield dist.PrefixStore(f"timm_cskd/attempt_{attempt}", store), rank, world_size
+
+
+register_rendezvous_handler(_ATTEMPT_SCHEME, _attempt_rendezvous)
+
+
+def _init_url() -> str:
+    # Agents on several nodes count restarts each on their own (a healthy node re-joins without
+    # counting), so there the count cannot name an attempt and torch's env:// stays.
+    single_node_torchrun = (
+        "TORCHELASTIC_RESTART_COUNT" in os.environ
+        and os.environ.get("GROUP_WORLD_SIZE") == "1"
+        and "SLURM_PROCID" not in os.environ
+    )
+    return f"{_ATTEMPT_SCHEME}://" if single_node_torchrun else "env://"
 
 
 @dataclass
@@ -80,7 +112,7 @@ class Context:
 
 def setup_context(args) -> Context:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = init_distributed_device_so(device=device)
+    info = init_distributed_device_so(device=device, dist_url=_init_url())
     ctx = Context(
         device=torch.device(info["device"]),
         world_size=info["world_size"],
