@@ -167,3 +167,24 @@ def test_resume_fails_on_every_rank_when_one_cannot_read_the_checkpoint(elastic_
     output = proc.stdout + proc.stderr
     assert "rank 1 on" in output and "node1/run/last.pth.tar" in output
     assert "every node must see the experiment folder" in output
+
+
+def test_multi_node_restarts_on_a_shared_store_warn_with_the_fix(monkeypatch, caplog):
+    from timm_cskd.distributed import _init_url
+
+    env = {
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "3",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "GROUP_WORLD_SIZE": "2",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert _init_url() == "env://"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what torchrun sets under it
+    assert _init_url() == "env://"
+    assert not caplog.text

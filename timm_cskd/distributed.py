@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from timm.utils.distributed import init_distributed_device_so
 from torch.distributed.rendezvous import register_rendezvous_handler, rendezvous
 
 __all__ = ["Context", "setup_context"]
+
+_logger = logging.getLogger(__name__)
 
 # How long ranks wait for rank 0's one-off work (scanning a dataset on network storage can take many
 # minutes); the training process group keeps NCCL's default, so a hung step is still caught quickly.
@@ -39,14 +42,22 @@ register_rendezvous_handler(_ATTEMPT_SCHEME, _attempt_rendezvous)
 
 
 def _init_url() -> str:
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "SLURM_PROCID" in os.environ:
+        return "env://"
+    if os.environ.get("GROUP_WORLD_SIZE") == "1":
+        return f"{_ATTEMPT_SCHEME}://"
     # Agents on several nodes count restarts each on their own (a healthy node re-joins without
-    # counting), so there the count cannot name an attempt and torch's env:// stays.
-    single_node_torchrun = (
-        "TORCHELASTIC_RESTART_COUNT" in os.environ
-        and os.environ.get("GROUP_WORLD_SIZE") == "1"
-        and "SLURM_PROCID" not in os.environ
-    )
-    return f"{_ATTEMPT_SCHEME}://" if single_node_torchrun else "env://"
+    # counting), so the count cannot name an attempt; a store per rendezvous round can.
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+    ):
+        _logger.warning(
+            "torchrun --max-restarts on several nodes shares one store across restarts, so a "
+            "restarted group can read a dead rank's address and fail to connect; "
+            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a fresh store each round"
+        )
+    return "env://"
 
 
 @dataclass
