@@ -3,7 +3,9 @@
 Test-only faults and probes, from the environment:
 - ``RECORD_DIR``: append each trained batch's (epoch, dataset indices) to ``RECORD_DIR/rank{R}.jsonl``.
 - ``STOP_AT_STEP``: every rank sends itself SIGTERM at that global step (a scheduler's preemption).
-- ``CRASH_AT_STEP``: rank 1 of the first torchrun attempt dies by SIGKILL at that step.
+- ``CRASH_AT_STEP``: rank 1 of the first torchrun attempt dies by SIGKILL at that step, leaving in
+  torchrun's store the failure flag NCCL's watchdog writes there; a restarted rank exits 3 if the flag
+  survived into its attempt (its NCCL heartbeat monitor would abort on it).
 - ``PER_RANK_OUTPUT``: each rank writes under ``--output``/node{R}, as nodes without shared storage do.
 - ``SLOW_RESTART``: on a torchrun restart, rank 1 starts that many seconds after rank 0 (a slow import
   or file system), so rank 0 reads the store before rank 1 has written its new address to it.
@@ -23,6 +25,14 @@ from timm.utils.model import unwrap_model
 from timm_cskd.config import parse_args
 from timm_cskd.sampler import _PlanBatchSampler
 from timm_cskd.train import Trainer
+
+NCCL_DUMP_FLAG = "exception_dump"
+
+
+def agent_store():
+    return torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+    )
 
 
 def instrument():
@@ -51,6 +61,7 @@ def instrument():
         if self.state.global_step + 1 == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         if first_attempt and rank == 1 and self.state.global_step + 1 == crash_at:
+            agent_store().set(NCCL_DUMP_FLAG, "1")
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
@@ -67,6 +78,9 @@ if __name__ == "__main__":
         args.output = str(Path(args.output) / f"node{os.environ['RANK']}")
     trainer = Trainer(args)
     metrics = trainer.fit()
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if restarted and os.environ.get("CRASH_AT_STEP") and agent_store().check([NCCL_DUMP_FLAG]):
+        sys.exit(3)
     rank = trainer.ctx.rank
     out = Path(args.output) / args.experiment
     out.mkdir(parents=True, exist_ok=True)

@@ -31,18 +31,29 @@ def _attempt_rendezvous(url, timeout=dist.default_pg_timeout, **kwargs):
     torchrun keeps one store for every restart of its workers, so a restarted rank can read the
     process-group address of a rank that died with the previous attempt and fail to connect (gloo:
     "connectFullMesh failed ... Connection refused"; NCCL: a stale unique id). On one node every
-    worker shares the agent's restart count, which keeps the attempts apart.
+    worker shares the agent's restart count, which keeps the attempts apart (restarts for nodes
+    joining an elastic ``--nnodes=1:N`` job do not count, so there two rounds may share a name).
     """
     store, rank, world_size = next(rendezvous("env://", timeout=timeout))
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    yield dist.PrefixStore(f"timm_cskd/attempt_{attempt}", store), rank, world_size
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    private = dist.PrefixStore(f"timm_cskd/attempt_{attempt}", store)
+    if attempt > 0:
+        # NCCL's watchdog flags a failure in the bare store, beyond any prefix; left there, it makes
+        # the restarted group's heartbeat monitor abort every rank after TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC.
+        if rank == 0:
+            store.delete_key(_NCCL_DUMP_FLAG)
+            private.set("stale_keys_cleared", "1")
+        else:
+            private.wait(["stale_keys_cleared"])
+    yield private, rank, world_size
 
 
+_NCCL_DUMP_FLAG = "exception_dump"
 register_rendezvous_handler(_ATTEMPT_SCHEME, _attempt_rendezvous)
 
 
 def _init_url() -> str:
-    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "SLURM_PROCID" in os.environ:
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return "env://"
     if os.environ.get("GROUP_WORLD_SIZE") == "1":
         return f"{_ATTEMPT_SCHEME}://"
@@ -54,8 +65,9 @@ def _init_url() -> str:
     ):
         _logger.warning(
             "torchrun --max-restarts on several nodes shares one store across restarts, so a "
-            "restarted group can read a dead rank's address and fail to connect; "
-            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a fresh store each round"
+            "restarted group can read a dead rank's address and fail to connect; launch with "
+            "--rdzv-backend=c10d and export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a fresh store "
+            "each round (the default static backend always shares it)"
         )
     return "env://"
 
