@@ -124,6 +124,25 @@ def test_method_flags_yaml_and_the_first_release_spellings(tmp_path):
     assert resolved("-c", str(config))[1]["lambda"] == 3.0
 
 
+def test_the_command_line_overrides_the_yaml_method_in_either_spelling(tmp_path):
+    """A shipped config names its method; a run on top of it that names another (the CE baseline, the
+    first release's --cskd-mode) or changes one hyper-parameter gets what the command line says."""
+    config = tmp_path / "c.yaml"
+    config.write_text("method: cskd\nmethod_kwargs: {temperature: 3.0, lambda: 3.0}\n")
+    c = ["-c", str(config)]
+    assert resolved(*c, "--cskd-mode", "paired") == ("cskd-paired", {"temperature": 4.0, "lambda": 1.0})
+    assert resolved(*c, "--cskd-mode", "anchor") == ("cskd", {"temperature": 3.0, "lambda": 3.0})
+    assert resolved(*c, "--method", "ce") == ("ce", {})
+    assert resolved(*c, "--cskd-mode", "off") == ("ce", {})
+    assert resolved(*c, "--cskd-lambda", "1") == ("cskd", {"temperature": 3.0, "lambda": 1.0})
+    config.write_text("cskd_mode: paired\ncskd_lambda: 2.0\n")
+    assert resolved(*c, "--method", "cskd-paired", "--method-kwargs", "lambda=3") == (
+        "cskd-paired",
+        {"temperature": 4.0, "lambda": 3.0},
+    )
+    assert resolved(*c, "--method", "ls") == ("ls", {"smoothing": 0.1})
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -594,10 +594,35 @@ def parse_args(
     if config is None and pre.data_dir is None and default_config is not None:
         config = default_config
     if config is not None:
-        parser.set_defaults(**load_yaml_defaults(config, parser))
+        defaults = load_yaml_defaults(config, parser)
+        _yield_method_to_command_line(defaults, pre)
+        parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     args.config = str(config) if config is not None else None
     return args
+
+
+def _yield_method_to_command_line(defaults: dict, cli: argparse.Namespace) -> None:
+    """The command line overrides the YAML's method, whichever of the two spellings each uses
+    (``--method``/``--method-kwargs`` or the older ``--cskd-*``); the YAML's hyper-parameters go with
+    its method when the command line names another."""
+    from timm_cskd.methods import LEGACY_KWARGS, LEGACY_MODES
+
+    cli_method = cli.method or LEGACY_MODES.get(cli.cskd_mode)
+    if cli_method is not None:
+        yaml_method = defaults.pop("method", None) or LEGACY_MODES.get(defaults.pop("cskd_mode", None))
+        if yaml_method != cli_method:
+            defaults.pop("method_kwargs", None)
+            for flag in LEGACY_KWARGS:
+                defaults.pop(flag, None)
+    yaml_kwargs = dict(defaults.get("method_kwargs") or {})
+    for flag, key in LEGACY_KWARGS.items():
+        if getattr(cli, flag) is not None:
+            yaml_kwargs.pop(key, None)
+        if key in (cli.method_kwargs or {}):
+            defaults.pop(flag, None)
+    if "method_kwargs" in defaults:
+        defaults["method_kwargs"] = yaml_kwargs
 
 
 def dump_args(args: argparse.Namespace, path: str | os.PathLike) -> None:
