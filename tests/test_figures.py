@@ -93,17 +93,18 @@ def test_cli_writes_every_figure(tmp_path, capsys):
     cskd = write_run(tmp_path / "cskd" / "eval-val", *synthetic(sharpness=1.5, seed=2))
     out = tmp_path / "figs"
     assert figures.main([str(ce), str(cskd), "--names", "CE", "CS-KD", "--output", str(out), "--tsne-classes", "0", "1", "2"]) == 0  # fmt: skip
-    names = ["fig1b.png", "fig2.png", "fig3.png", "fig5_CE.png", "fig5_CS-KD.png", "fig5_overlay.png"]
+    names = ["fig1b.png", "fig2_CS-KD.png", "fig3.png", "fig5_CE.png", "fig5_CS-KD.png", "fig5_overlay.png"]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert capsys.readouterr().out.split() == [str(out / name) for name in names]
     for name in names:
         check_png(out / name, min_size=(600, 600) if name.startswith("fig5") else (600, 400))
-    # Default names are the run folders, as timm_cskd.compare names them.
-    assert (
-        figures.main([str(ce), str(cskd), "--output", str(tmp_path / "default"), "--tsne-per-class", "5"])
-        == 0
-    )
-    assert (tmp_path / "default" / "fig5_cskd.png").is_file()
+    # Default names are the run folders, as timm_cskd.compare names them; Figure 2 sets the first run
+    # against each other one.
+    ls = write_run(tmp_path / "ls" / "eval-val", *synthetic(sharpness=2, seed=3))
+    default = tmp_path / "default"
+    assert figures.main([str(ce), str(cskd), str(ls), "--output", str(default), "--tsne-per-class", "5"]) == 0
+    assert (default / "fig5_cskd.png").is_file()
+    assert sorted(p.name for p in default.glob("fig2*")) == ["fig2_cskd.png", "fig2_ls.png"]
 
 
 def test_study_folder(tmp_path, capsys):
@@ -125,7 +126,8 @@ def test_study_folder(tmp_path, capsys):
         capsys.readouterr().err
     )
     for dataset in ("cub", "dogs"):
-        for name in ("fig1b.png", "fig2.png", "fig3.png", "fig5_ce.png", "fig5_cskd.png", "fig5_overlay.png"):
+        names = ("fig1b.png", "fig2_cskd.png", "fig3.png", "fig5_ce.png", "fig5_cskd.png", "fig5_overlay.png")
+        for name in names:
             check_png(out / dataset / name, min_size=(300, 300))
     assert figures.main([str(study), "--names", "a", "--output", str(out)]) == 2
     assert "--names does not apply to a study folder" in capsys.readouterr().err

@@ -7,8 +7,9 @@ Each RUN_DIR is a ``timm_cskd.evaluate --save-predictions`` output folder (``pre
 ``reliability.json``). Writes into the output folder:
 
     fig1b.png            Figure 1(b): the mean top-5 softmax scores (rank 1 to 5) of misclassified samples
-    fig2.png             Figure 2: histograms of the log-probability of the predicted label and of the
-                         ground-truth label on misclassified samples, the methods overlaid
+    fig2_<method>.png    Figure 2: histograms of the log-probability of the predicted label and of the
+                         ground-truth label on misclassified samples, the first run (the baseline: CE
+                         in a study) against each other run, as the paper sets CE against CS-KD
     fig3.png             Figure 3: t-SNE of the penultimate features of a few classes, one panel per method
                          (scikit-learn: pip install 'timm-cskd[study]')
     fig5_<method>.png    Figure 5: a reliability diagram per method, and all of them in fig5_overlay.png
@@ -257,7 +258,12 @@ def figures_for_runs(
             embeddings[name] = tsne_embedding(run.features, run.labels, tsne_classes, tsne_per_class, seed)
         except FiguresError as e:
             raise FiguresError(f"{name} ({runs[name]}): {e}") from e
-    histograms = logprob_histograms(loaded)
+    # Ten overlaid histograms are unreadable; the paper sets two methods side by side.
+    baseline, *others = loaded
+    histograms = {
+        other: logprob_histograms({name: loaded[name] for name in dict.fromkeys([baseline, other])})
+        for other in others or [baseline]
+    }
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,12 +272,18 @@ def figures_for_runs(
         return f"{title}: {text}" if title else text[0].upper() + text[1:]
 
     written = [
-        plot_top5_scores(scores, out / "fig1b.png", heading("top-5 softmax scores of misclassified samples")),
-        plot_logprob_histograms(
-            histograms, out / "fig2.png", heading("log-probabilities on misclassified samples")
-        ),
-        plot_tsne(embeddings, out / "fig3.png", heading("t-SNE of penultimate features")),
+        plot_top5_scores(scores, out / "fig1b.png", heading("top-5 softmax scores of misclassified samples"))
     ]
+    for other, pair in histograms.items():
+        versus = f", {baseline} vs {other}" if other != baseline else ""
+        written.append(
+            plot_logprob_histograms(
+                pair,
+                out / f"fig2_{_slug(other)}.png",
+                heading(f"log-probabilities on misclassified samples{versus}"),
+            )
+        )
+    written.append(plot_tsne(embeddings, out / "fig3.png", heading("t-SNE of penultimate features")))
     for name, run_bins in bins.items():
         path = out / f"fig5_{_slug(name)}.png"
         plot_reliability(run_bins, path, title=f"{title}: {name}" if title else name, dpi=DPI)
