@@ -181,7 +181,8 @@ def plot_top5_scores(
     for i, (name, values) in enumerate(scores.items()):
         x = ranks[: len(values)] + (i - (len(scores) - 1) / 2) * width
         bars = ax.bar(x, values, width=width, label=name, edgecolor="black")
-        ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=1)
+        if len(scores) <= 4:  # more bars leave no room for readable values
+            ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=1)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("rank of the softmax score")
     ax.set_ylabel("average softmax score")
