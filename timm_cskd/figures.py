@@ -210,17 +210,21 @@ def plot_logprob_histograms(histograms: dict, path: str | os.PathLike, title: st
 def plot_tsne(
     embeddings: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str | None = None
 ) -> Path:
-    """One scatter panel per method of ``tsne_embedding``'s points, coloured by class."""
-    fig, axes = plt.subplots(1, len(embeddings), figsize=(4.5 * len(embeddings), 4.5), squeeze=False)
+    """One scatter panel per method of ``tsne_embedding``'s points, coloured by class, five per row."""
+    columns = min(len(embeddings), 5)
+    rows = -(-len(embeddings) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.5 * rows), squeeze=False)
     classes = sorted({int(c) for _, labels in embeddings.values() for c in labels})
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-    for ax, (name, (points, labels)) in zip(axes[0], embeddings.items()):
+    for ax, (name, (points, labels)) in zip(axes.flat, embeddings.items()):
         for i, c in enumerate(classes):
             mine = labels == c
             ax.scatter(*points[mine].T, s=8, color=colours(i % colours.N), label=f"class {c}")
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
+    for ax in axes.flat[len(embeddings) :]:
+        ax.set_axis_off()
     axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", markerscale=2)
     fig.suptitle(title or "t-SNE of penultimate features")
     return _save(fig, Path(path))
