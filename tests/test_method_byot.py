@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_image_folder
 from safetensors.torch import load_file
 from test_method_ddgsd import Outputs, assert_ranks_identical, ddp_args, kl, torchrun_plain
-from test_train import killed_and_resumed_run, summary, tiny_args, uninterrupted_run
+from test_train import assert_loss_falls_and_adds_up, killed_and_resumed_run, tiny_args, uninterrupted_run
 
 from timm_cskd import evaluate, export
 from timm_cskd.checkpoint import load_checkpoint_file
@@ -140,13 +140,7 @@ def test_a_model_without_the_feature_api_or_too_many_heads_is_a_clear_error():
 )
 def test_trains_and_saves_the_heads_as_task_state_only(data_dir, tmp_path, extra):
     metrics = run(parse_args(tiny_args(data_dir, tmp_path, "--method", "byot", "--epochs", "4", *extra)))
-    rows = summary(tmp_path)
-    assert len(rows) == 4
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    for row in rows:
-        loss, ce, reg = (float(row[k]) for k in ("train_loss", "train_ce", "train_reg"))
-        assert loss == pytest.approx(ce + reg, rel=1e-6)
-        assert reg > 0.0
+    assert_loss_falls_and_adds_up(tmp_path, 4)
     assert metrics["num_samples"] == 12
 
     state = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")

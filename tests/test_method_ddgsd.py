@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import PLAIN_RECIPE, make_image_folder
 from test_ddp import free_port
-from test_train import killed_and_resumed_run, summary, tiny_args, uninterrupted_run
+from test_train import assert_loss_falls_and_adds_up, killed_and_resumed_run, tiny_args, uninterrupted_run
 
 from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import parse_args
@@ -156,13 +156,7 @@ def test_trains_through_the_trainer_on_two_views_and_loss_falls(data_dir, tmp_pa
     assert view_a.shape == view_b.shape and len(target) == len(view_a) == 16
     assert not torch.equal(view_a, view_b)
 
-    rows = summary(tmp_path)
-    assert len(rows) == 4
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    for row in rows:
-        loss, ce, reg = (float(row[k]) for k in ("train_loss", "train_ce", "train_reg"))
-        assert loss == pytest.approx(ce + reg, rel=1e-6)
-        assert reg > 0.0
+    assert_loss_falls_and_adds_up(tmp_path, 4)
     assert metrics["num_samples"] == 12
     state = load_checkpoint_file(tmp_path / "run" / "last.pth.tar")
     assert state["state_dict"].keys() == timm.create_model("test_resnet", num_classes=4).state_dict().keys()

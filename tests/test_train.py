@@ -44,6 +44,19 @@ def summary(out):
         return list(csv.DictReader(f))
 
 
+def assert_loss_falls_and_adds_up(out, epochs, regularised=True):
+    """The run's summary.csv: one row per epoch, the training loss falls, and every row's loss is its CE
+    plus its regulariser term (positive, or exactly 0 for a method without one). Returns the rows."""
+    rows = summary(out)
+    assert len(rows) == epochs
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    for row in rows:
+        loss, ce, reg = (float(row[k]) for k in ("train_loss", "train_ce", "train_reg"))
+        assert loss == pytest.approx(ce + reg, rel=1e-6)
+        assert reg > 0.0 if regularised else reg == 0.0
+    return rows
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -59,17 +72,8 @@ def summary(out):
 )
 def test_each_mode_trains_and_loss_falls(data_dir, tmp_path, extra):
     metrics = run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "4", *extra)))
-    rows = summary(tmp_path)
-    assert len(rows) == 4
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert_loss_falls_and_adds_up(tmp_path, 4, regularised="off" not in extra)
     assert metrics["num_samples"] == 20
-    for row in rows:
-        loss, ce, reg = (float(row[k]) for k in ("train_loss", "train_ce", "train_reg"))
-        assert loss == pytest.approx(ce + reg, rel=1e-6)
-        if "off" in extra:
-            assert reg == 0.0
-        else:
-            assert reg > 0.0
     out = tmp_path / "run"
     assert {"args.yaml", "summary.csv", "log.txt", "last.pth.tar", "model_best.pth.tar"} <= set(
         os.listdir(out)
