@@ -2,6 +2,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
+
+
+def make_tiny_dataset(root, val_per_class=5, val_split="val"):
+    """Four coloured classes of 12 noisy 24x20 training images and ``val_per_class`` validation images
+    each: a training test runs in seconds and its loss still falls. Returns ``root``."""
+    make_image_folder(root / "train", [12] * 4, size=(24, 20), colours=COLOURS, noise=60)
+    make_image_folder(root / val_split, [val_per_class] * 4, size=(24, 20), colours=COLOURS, noise=60)
+    return root
+
 
 def make_image_folder(root, class_sizes, size=(40, 32), colours=None, ext=".jpg", noise=0):
     """Write an ImageFolder tree; class c's images are its colour (default distinct per class) plus

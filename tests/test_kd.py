@@ -10,9 +10,8 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import make_image_folder
+from conftest import make_image_folder, make_tiny_dataset
 from test_train import (
-    COLOURS,
     _assert_identical,
     killed_and_resumed_run,
     summary,
@@ -33,10 +32,7 @@ NUM_CLASSES = 4
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "val", [5, 5, 5, 5], size=(24, 20), colours=COLOURS, noise=60)
-    return root
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

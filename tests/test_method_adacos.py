@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import PLAIN_RECIPE, make_image_folder
+from conftest import PLAIN_RECIPE, make_tiny_dataset
 from test_ddp import free_port
 
 from timm_cskd import evaluate, export
@@ -140,10 +140,7 @@ def test_head_runs_in_float32_under_bfloat16_autocast():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adacos-data")
-    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "val", [5, 5, 5, 5], size=(24, 20), colours=COLOURS, noise=60)
-    return root
+    return make_tiny_dataset(tmp_path_factory.mktemp("adacos-data"))
 
 
 def train_args(data_dir, out, *extra, method="adacos"):

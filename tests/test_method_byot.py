@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_image_folder
+from conftest import make_image_folder, make_tiny_dataset
 from safetensors.torch import load_file
 from test_method_ddgsd import Outputs, assert_ranks_identical, ddp_args, kl, torchrun_plain
 from test_train import assert_loss_falls_and_adds_up, killed_and_resumed_run, tiny_args, uninterrupted_run
@@ -25,10 +25,7 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("byot")
-    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "val", [3, 3, 3, 3], size=(24, 20), colours=COLOURS, noise=60)
-    return root
+    return make_tiny_dataset(tmp_path_factory.mktemp("byot"), val_per_class=3)
 
 
 def task_for(model, **kwargs):

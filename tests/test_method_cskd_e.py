@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import COLOURS
 from PIL import Image
 from test_train import (
-    COLOURS,
     _assert_identical,
     assert_loss_falls_and_adds_up,
     killed_and_resumed_run,

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_image_folder
-from test_method_adacos import COLOURS, train_args, train_losses, train_two_ranks
+from conftest import make_tiny_dataset
+from test_method_adacos import train_args, train_losses, train_two_ranks
 
 from timm_cskd import export
 from timm_cskd.checkpoint import load_model
@@ -100,10 +100,7 @@ def test_evaluation_sees_the_plain_model():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("virtual-softmax-data")
-    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "val", [5, 5, 5, 5], size=(24, 20), colours=COLOURS, noise=60)
-    return root
+    return make_tiny_dataset(tmp_path_factory.mktemp("virtual-softmax-data"))
 
 
 def args_for(data_dir, out, *extra):

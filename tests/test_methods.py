@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import PLAIN_RECIPE, make_image_folder
+from conftest import PLAIN_RECIPE, make_tiny_dataset
 
 from timm_cskd import evaluate, export
 from timm_cskd.checkpoint import load_model
@@ -23,10 +23,7 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("methods")
-    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "val", [3, 3, 3, 3], size=(24, 20), colours=COLOURS, noise=60)
-    return root
+    return make_tiny_dataset(tmp_path_factory.mktemp("methods"), val_per_class=3)
 
 
 def args_for(data_dir, out, *extra):

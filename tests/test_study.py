@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_image_folder
+from conftest import make_image_folder, make_tiny_dataset
 from PIL import Image
 
 from timm_cskd import study as st
@@ -38,8 +38,7 @@ EVAL = ["-j", "0", "-b", "64"]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    make_image_folder(root / "train", [12] * 4, size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "val", [5] * 4, size=(24, 20), colours=COLOURS, noise=60)
+    make_tiny_dataset(root)
     make_image_folder(root / "calib", [3] * 4, size=(24, 20), colours=COLOURS, noise=90)
     return root
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import timm
 import torch
-from conftest import PLAIN_RECIPE, make_image_folder
+from conftest import PLAIN_RECIPE, make_image_folder, make_tiny_dataset
 from timm.data import create_transform
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -62,10 +62,7 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compat")
-    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "validation", [3, 3, 3, 3], size=(24, 20), colours=COLOURS, noise=60)
-    return root
+    return make_tiny_dataset(tmp_path_factory.mktemp("compat"), val_per_class=3, val_split="validation")
 
 
 def test_every_timm_flag_is_accepted_or_refused_by_name():

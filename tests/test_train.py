@@ -12,22 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PLAIN_RECIPE, make_image_folder
+from conftest import PLAIN_RECIPE, make_image_folder, make_tiny_dataset
 
 from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import ConfigError, parse_args
 from timm_cskd.train import main, run
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    make_image_folder(root / "train", [12, 12, 12, 12], size=(24, 20), colours=COLOURS, noise=60)
-    make_image_folder(root / "val", [5, 5, 5, 5], size=(24, 20), colours=COLOURS, noise=60)
-    return root
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_args(data_dir, out, *extra):
