@@ -65,6 +65,8 @@ from timm_cskd.figures import FiguresError, figures_for_study
 from timm_cskd.methods import LEGACY_KWARGS, get_method, method_hparams
 from timm_cskd.reliability import load_bins, plot_reliability_overlay
 from timm_cskd.run_lock import RunLock, RunLockedError
+from timm_cskd.study_report import analysis_lines
+from timm_cskd.study_tables import dataset_table
 
 __all__ = [
     "Cell",
@@ -106,6 +108,7 @@ GRID_KEYS = (
     "calib_split",
     "nproc_per_node",
     "eval_checkpoint",
+    "baseline",
 )
 # Trainer options the study sets per cell, with where a study sets them: a base config's values for them
 # are dropped (its method keys become defaults for the rows whose method has them), and trainer arguments
@@ -132,18 +135,6 @@ EVAL_OWNED = {
     "output": "--output",
     "calib_split": "--calib-split",
 }
-# study.md's columns: metrics.json key, header, format, which value is best.
-COLUMNS = [
-    ("top1_err", "Top-1 err (%) ↓", "{:.2f}", "min"),
-    ("top5_err", "Top-5 err (%) ↓", "{:.2f}", "min"),
-    ("ece", "ECE (%) ↓", "{:.2f}", "min"),
-    ("nll", "NLL ↓", "{:.3f}", "min"),
-    ("recall_at_1", "R@1 (%) ↑", "{:.2f}", "max"),
-    ("conf_gap", "Conf. gap (%)", "{:+.2f}", "zero"),
-    ("ece_ts", "ECE, TS (%) ↓", "{:.2f}", "min"),
-    ("nll_ts", "NLL, TS ↓", "{:.3f}", "min"),
-]
-OPTIONAL_COLUMNS = ("ece_ts", "nll_ts")  # only when some run was evaluated with --calib-split
 # A cell.json still "running" outside a run is one whose study was killed.
 INCOMPLETE = {"running": "running, or its study was killed"}
 
@@ -216,6 +207,7 @@ class Study:
     eval_args: list[str]
     calib_split: str | None
     cells: list[Cell]
+    baseline: str = ""  # the row the differences are taken against (its label)
 
 
 def _literal(text: str):
@@ -385,6 +377,7 @@ def plan_study(
     calib_split: str | None = None,
     nproc_per_node: int = 1,
     eval_checkpoint: str = "last",
+    baseline: str | None = None,
 ) -> Study:
     """The study's rows and cells with their exact commands; checks everything it can without running.
 
@@ -415,6 +408,7 @@ def plan_study(
                 f"rows '{seen[slug]}' and '{row.label}' share a folder name: give them distinct labels"
             )
         seen[slug] = row.label
+    baseline = _baseline_row(rows, baseline)
     seeds = [int(s) for s in ([seeds] if isinstance(seeds, int) else seeds)]
     if not seeds or len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds must be distinct and at least one, got {seeds}")
@@ -469,7 +463,26 @@ def plan_study(
                 eval_argv=_eval_argv(folder, eval_checkpoint, data_dir, calib, eval_args),
             )
         )
-    return Study(output, datasets, rows, seeds, base_config, trainer_args, eval_args, calib_split, cells)
+    return Study(
+        output, datasets, rows, seeds, base_config, trainer_args, eval_args, calib_split, cells, baseline
+    )
+
+
+def _baseline_row(rows: list[Row], baseline: str | None) -> str:
+    """The baseline's label: the first row, or the row ``baseline`` labels (or whose method it is, if
+    only one row has that method)."""
+    if baseline is None:
+        return rows[0].label
+    if any(r.label == baseline for r in rows):
+        return baseline
+    by_method = [r.label for r in rows if r.method == baseline]
+    if len(by_method) == 1:
+        return by_method[0]
+    raise StudyError(
+        f"--baseline {baseline!r} is not one row's label"
+        + (f" (method {baseline} has rows {', '.join(by_method)})" if by_method else "")
+        + f"; rows: {', '.join(r.label for r in rows)}"
+    )
 
 
 def _trainer_argv(folder: Path, config_file, trainer_args, data_dir: Path, row: Row, seed: int) -> tuple:
@@ -869,52 +882,6 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _cell_text(values: list[float], fmt: str) -> tuple[str, float]:
-    """``mean ± sample std`` (the mean alone for one seed), and the mean as displayed."""
-    mean = float(np.mean(values))
-    text = fmt.format(mean)
-    if len(values) > 1:
-        text += " ± " + fmt.replace("+", "").format(float(np.std(values, ddof=1)))
-    return text, float(fmt.format(mean))
-
-
-def dataset_table(rows: list[tuple[Row, list[dict]]]) -> str:
-    """One dataset's table: a row per method (each run's metrics over seeds), the best per column bold."""
-    columns = [
-        c for c in COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(c[0] in m for _, runs in rows for m in runs)
-    ]
-    shown: dict[str, dict[str, tuple[str, float]]] = {}
-    for row, runs in rows:
-        shown[row.label] = {
-            key: _cell_text([m[key] for m in runs], fmt)
-            for key, _, fmt, _ in columns
-            if all(key in m for m in runs)
-        }
-    best = {}
-    for key, _, _, rule in columns:
-        means = [cells[key][1] for cells in shown.values() if key in cells]
-        if means:
-            best[key] = {"min": min(means), "max": max(means), "zero": min(abs(v) for v in means)}[rule]
-    baseline = next((runs for row, runs in rows if row.method == "ce"), None)
-    base_top1 = float(np.mean([m["top1_err"] for m in baseline])) if baseline else None
-    lines = ["| Method | " + " | ".join(header for _, header, _, _ in columns) + " | Seeds |"]
-    lines.append("|---" * (len(columns) + 2) + "|")
-    for row, runs in rows:
-        cells = []
-        for key, _, _, rule in columns:
-            if key not in shown[row.label]:
-                cells.append("-")
-                continue
-            text, mean = shown[row.label][key]
-            cell = f"**{text}**" if (abs(mean) if rule == "zero" else mean) == best[key] else text
-            if key == "top1_err" and base_top1 and runs is not baseline:
-                top1 = float(np.mean([m["top1_err"] for m in runs]))
-                cell += f" ({100 * (top1 - base_top1) / base_top1:+.1f}%)"
-            cells.append(cell)
-        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {len(runs)} |")
-    return "\n".join(lines)
-
-
 def _summed_bins(cells: list[Cell]) -> dict:
     bins = [load_bins(c.eval_dir / "reliability.json") for c in cells]
     return {
@@ -922,16 +889,16 @@ def _summed_bins(cells: list[Cell]) -> dict:
     }
 
 
-def _markdown(study: Study, tables: dict[str, str], diagrams: dict[str, Path], incomplete) -> str:
+def _markdown(study: Study, tables: dict[str, list[str]], diagrams: dict[str, Path], incomplete) -> str:
     trainer = shlex.join(
         [*(["-c", str(study.base_config)] if study.base_config else []), *study.trainer_args]
     )  # fmt: skip
     legend = (
         "Each entry is the mean ± sample standard deviation (ddof=1) over the seeds (the mean alone with one "
         "seed). Errors, ECE, R@1 and the confidence gap are in percent. Top-1's parenthesis is the relative "
-        "change of its mean against the `ce` row's. Bold: the best per column (the lowest; the highest R@1; "
-        "the confidence gap closest to 0). The confidence gap is mean confidence minus accuracy: positive "
-        "is over-confident."
+        f"change of its mean against the baseline's, {study.baseline}. Bold: the best per column (the lowest; "
+        "the highest R@1; the confidence gap closest to 0). The confidence gap is mean confidence minus "
+        "accuracy: positive is over-confident."
     )
     if study.calib_split:
         legend += f" TS: after temperature scaling fitted on the `{study.calib_split}` split."
@@ -944,8 +911,8 @@ def _markdown(study: Study, tables: dict[str, str], diagrams: dict[str, Path], i
         "",
         legend,
     ]
-    for dataset, table in tables.items():
-        lines += ["", f"## {dataset}", "", table]
+    for dataset, analysis in tables.items():
+        lines += ["", f"## {dataset}", "", *analysis]
         if dataset in diagrams:
             lines += [
                 "",
@@ -991,7 +958,18 @@ def summarise(study: Study) -> list[Path]:
         {"dataset": c.dataset, "method": c.row.label, "seed": c.seed, "status": s, "cell_dir": os.path.relpath(c.dir, study.output)}
         for c, s in incomplete
     ]  # fmt: skip
-    _write_atomic(study.output / "study.json", json.dumps({"cells": cells, "incomplete": pending}, indent=2))
+    _write_atomic(
+        study.output / "study.json",
+        json.dumps(
+            {
+                "baseline": study.baseline,
+                "calib_split": study.calib_split,
+                "cells": cells,
+                "incomplete": pending,
+            },
+            indent=2,
+        ),
+    )
     written.append(study.output / "study.json")
 
     buffer = io.StringIO()
@@ -1009,15 +987,13 @@ def summarise(study: Study) -> list[Path]:
             row.label: [(c, m) for c, m in finished if c.dataset == dataset and c.row == row]
             for row in study.rows
         }
-        rows = [(row, [m for _, m in runs[row.label]]) for row in study.rows if runs[row.label]]
+        rows = [(row.label, [m for _, m in runs[row.label]]) for row in study.rows if runs[row.label]]
         if not rows:
             continue
-        tables[dataset] = dataset_table(rows)
+        tables[dataset] = analysis_lines(rows, study.baseline, study.calib_split)
         path = diagrams[dataset] = study.output / f"reliability_{_slug(dataset)}.png"
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-        plot_reliability_overlay(
-            {row.label: _summed_bins([c for c, _ in runs[row.label]]) for row, _ in rows}, tmp
-        )
+        plot_reliability_overlay({label: _summed_bins([c for c, _ in runs[label]]) for label, _ in rows}, tmp)
         os.replace(tmp, path)
         written.append(path)
     _write_atomic(study.output / "study.md", _markdown(study, tables, diagrams, incomplete))
@@ -1061,6 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-args", default=None, help="quoted arguments for every timm_cskd.evaluate run")
     parser.add_argument("--eval-checkpoint", choices=tuple(CHECKPOINTS), default=None, help="default: last")
     parser.add_argument(
+        "--baseline", default=None, help="the row (label) differences are taken against; default: the first"
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="rerun cells whose settings changed, from scratch"
     )
     parser.add_argument(
@@ -1100,6 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
             "nproc_per_node": args.nproc_per_node,
             "eval_args": args.eval_args,
             "eval_checkpoint": args.eval_checkpoint,
+            "baseline": args.baseline,
         }
         grid.update({k: v for k, v in overrides.items() if v is not None})
         trainer_args = grid.pop("trainer_args", None) or []

@@ -1,0 +1,155 @@
+"""The calibration regime of one dataset in words, generated from its tables' numbers.
+
+Every sentence states a number shown in the dataset's tables (means as displayed there, or a bold cell
+of the differences table): whether the baseline is over- or under-confident, which methods flip the sign
+of its confidence gap, which differ from it beyond seed noise, and how far temperature scaling alone
+takes its ECE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from timm_cskd.study_tables import baseline_label, columns_for, differences, fmt_of, mean_of
+
+__all__ = ["METRIC_NAMES", "regime_paragraph"]
+
+METRIC_NAMES = {
+    "top1_err": "top-1 error",
+    "top5_err": "top-5 error",
+    "ece": "ECE",
+    "nll": "NLL",
+    "recall_at_1": "R@1",
+    "ece_ts": "ECE after TS",
+    "nll_ts": "NLL after TS",
+}
+
+
+def _shown(runs: list[dict], key: str) -> str:
+    return fmt_of(key).format(mean_of(runs, key))
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _baseline_sentence(name: str, runs: list[dict], calib_split: str | None) -> tuple[str, int]:
+    """The baseline's regime, and the sign of its gap (0 where its seeds do not settle it)."""
+    gap = mean_of(runs, "conf_gap")
+    spread = float(np.std([m["conf_gap"] for m in runs], ddof=1)) if len(runs) > 1 else 0.0
+    ece = f"ECE {_shown(runs, 'ece')}"
+    if mean_of(runs, "ece_ts") is not None:
+        where = f" fitted on the `{calib_split}` split" if calib_split else ""
+        ece += f" ({_shown(runs, 'ece_ts')} after temperature scaling{where})"
+    if gap == 0 or abs(gap) <= spread:
+        shown_spread = fmt_of("conf_gap").replace("+", "").format(spread)
+        return (
+            f"The baseline {name} is neither clearly over- nor under-confident: its confidence gap "
+            f"{_shown(runs, 'conf_gap')} ± {shown_spread} lies within its seed spread of 0; {ece}.",
+            0,
+        )
+    regime = "over-confident" if gap > 0 else "under-confident"
+    return f"The baseline {name} is {regime}: confidence gap {_shown(runs, 'conf_gap')} and {ece}.", int(
+        np.sign(gap)
+    )
+
+
+def _flip_sentence(name: str, rows, sign: int) -> str:
+    flipped = [
+        (label, runs)
+        for label, runs in rows
+        if label != name
+        and mean_of(runs, "conf_gap") is not None
+        and np.sign(mean_of(runs, "conf_gap")) == -sign
+    ]
+    if not flipped:
+        return f"No method flips the sign of {name}'s confidence gap."
+    theirs, other = (
+        ("under-confident", "over-confident") if sign > 0 else ("over-confident", "under-confident")
+    )
+    gaps = _join([f"{label} ({_shown(runs, 'conf_gap')})" for label, runs in flipped])
+    eces = _join([f"{label} {_shown(runs, 'ece')}" for label, runs in flipped])
+    verb, their = ("flips", "its") if len(flipped) == 1 else ("flip", "their")
+    return (
+        f"{gaps} {verb} the sign of the gap: {theirs} where {name} is {other}, so {their} ECE ({eces}) "
+        f"measures miscalibration in the opposite direction to {name}'s."
+    )
+
+
+def _noise_sentences(name: str, rows, found) -> list[str]:
+    if not any(w.t is not None for by_key in found.values() for w in by_key.values()):
+        return [f"With one seed no method can be told from {name} beyond seed noise."]
+    rules = {key: rule for key, _, _, rule in columns_for(rows)}
+    better, worse = [], []
+    for label, by_key in found.items():
+        wins, losses = [], []
+        for key, result in by_key.items():
+            if rules[key] == "zero" or not result.significant:
+                continue
+            improves = result.difference < 0 if rules[key] == "min" else result.difference > 0
+            (wins if improves else losses).append(METRIC_NAMES.get(key, key))
+        better += [f"{label} on {_join(wins)}"] if wins else []
+        worse += [f"{label} on {_join(losses)}"] if losses else []
+    sentences = []
+    if better:
+        sentences.append(f"Better than {name} beyond seed noise (bold differences): {'; '.join(better)}.")
+    if worse:
+        sentences.append(f"Worse than {name} beyond seed noise: {'; '.join(worse)}.")
+    if not better and not worse:
+        sentences.append(f"No method differs from {name} beyond seed noise on any metric.")
+    top1 = [
+        label for label, by_key in found.items() if "top1_err" in by_key and by_key["top1_err"].significant
+    ]
+    if (better or worse) and not top1:
+        sentences.append(f"No method's top-1 error differs from {name}'s beyond seed noise.")
+    return sentences
+
+
+def _scaling_sentences(name: str, rows, found, calib_split: str | None) -> list[str]:
+    base_runs = dict(rows)[name]
+    if mean_of(base_runs, "ece_ts") is None:
+        split = f" (no `{calib_split}` split)" if calib_split else ""
+        return [
+            f"No temperature was fitted{split}, so whether scaling alone closes {name}'s gap is not measured."
+        ]
+    others = [(label, mean_of(runs, "ece")) for label, runs in rows if label != name]
+    others = [(label, ece) for label, ece in others if ece is not None]
+    base_ts = _shown(base_runs, "ece_ts")
+    sentence = f"Temperature scaling alone takes {name}'s ECE from {_shown(base_runs, 'ece')} to {base_ts}"
+    if others:
+        label, lowest = min(others, key=lambda item: item[1])
+        lowest_text = fmt_of("ece").format(lowest)
+        relation = "at or below" if float(base_ts) <= float(lowest_text) else "above"
+        sentence += f", {relation} the lowest ECE another method reaches without it ({label}, {lowest_text})"
+    sentences = [sentence + "."]
+    lower = [
+        label
+        for label, by_key in found.items()
+        if "ece_ts" in by_key and by_key["ece_ts"].significant and by_key["ece_ts"].difference < 0
+    ]
+    if any("ece_ts" in by_key and by_key["ece_ts"].t is not None for by_key in found.values()):
+        if lower:
+            sentences.append(
+                f"After temperature scaling {_join(lower)} still have a lower ECE than {name} beyond seed noise."
+            )
+        else:
+            sentences.append(
+                f"After temperature scaling no method's ECE is below {name}'s beyond seed noise."
+            )
+    return sentences
+
+
+def regime_paragraph(rows, baseline: str | None = None, calib_split: str | None = None) -> str:
+    """One paragraph on ``rows`` (``[(label, [metrics, ...]), ...]``) against the baseline row."""
+    name = baseline_label(rows, baseline)
+    base_runs = dict(rows).get(name)
+    if not base_runs or mean_of(base_runs, "conf_gap") is None:
+        return f"No regime can be read: the baseline {name} has no evaluated run with a confidence gap."
+    found = differences(rows, name)
+    first, sign = _baseline_sentence(name, base_runs, calib_split)
+    sentences = [first]
+    if sign:
+        sentences.append(_flip_sentence(name, rows, sign))
+    sentences += _noise_sentences(name, rows, found) if found else []
+    sentences += _scaling_sentences(name, rows, found, calib_split)
+    return " ".join(sentences)
