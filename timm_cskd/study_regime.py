@@ -68,7 +68,12 @@ def _flip_sentence(name: str, rows, sign: int) -> str:
         ("under-confident", "over-confident") if sign > 0 else ("over-confident", "under-confident")
     )
     gaps = _join([f"{label} ({_shown(runs, 'conf_gap')})" for label, runs in flipped])
-    eces = _join([f"{label} {_shown(runs, 'ece')}" for label, runs in flipped])
+    eces = _join(
+        [
+            f"{label} {_shown(runs, 'ece')}" if len(flipped) > 1 else _shown(runs, "ece")
+            for label, runs in flipped
+        ]
+    )
     verb, their = ("flips", "its") if len(flipped) == 1 else ("flip", "their")
     return (
         f"{gaps} {verb} the sign of the gap: {theirs} where {name} is {other}, so {their} ECE ({eces}) "
