@@ -13,6 +13,7 @@ from conftest import make_image_folder, make_tiny_dataset
 from PIL import Image
 
 from timm_cskd import study as st
+from timm_cskd import study_report
 from timm_cskd.study import (
     StudyError,
     check_study,
@@ -233,7 +234,9 @@ def test_grid_end_to_end_resume_skip_and_failure(tmp_path, data_dir, capsys):
     from timm_cskd.train import main as train_main
 
     broken = {"name": "cskd", "label": "broken", "kwargs": {"temperature": -1}}  # the trainer rejects T <= 0
-    study = grid(tmp_path, data_dir, methods=[broken, "ce", {"name": "cskd", "label": "CS-KD"}])
+    study = grid(
+        tmp_path, data_dir, methods=[broken, "ce", {"name": "cskd", "label": "CS-KD"}], baseline="ce"
+    )
     out = study.output
     # An interrupted cell: its own trainer command stopped after 1 of its 2 epochs.
     partial = next(c for c in study.cells if c.row.label == "ce" and c.seed == 1)
@@ -314,7 +317,13 @@ def test_grid_end_to_end_resume_skip_and_failure(tmp_path, data_dir, capsys):
     assert table["ce"]["Seeds"] == table["CS-KD"]["Seeds"] == "2"
     with Image.open(out / "reliability_tiny.png") as img:
         assert img.size[0] > 100
-    assert "![reliability diagram, tiny](reliability_tiny.png)" in (out / "study.md").read_text()
+    markdown = (out / "study.md").read_text()
+    assert "![reliability diagram, tiny](reliability_tiny.png)" in markdown
+    # The analysis against the baseline ce, as study_report regenerates it from the folder.
+    assert "Differences from the baseline ce: each method's mean minus ce's" in markdown
+    assert "| CS-KD | " in markdown.split("Differences from the baseline ce")[1]
+    assert "The baseline ce is " in markdown
+    assert study_report.report(out).strip() in markdown
 
     # Rerunning the finished grid trains and evaluates nothing; the broken row left out, it exits 0.
     done = [c for c in study.cells if c.row.label != "broken"]

@@ -20,6 +20,7 @@ one row per combination. A ``--grid`` YAML file holds the same (flags override i
     calib_split: calib                      # temperature scaling where the dataset has this split
     nproc_per_node: 1                       # > 1: the trainer runs under torchrun (--standalone)
     eval_checkpoint: last                   # or best (model_best.pth.tar)
+    baseline: CE                            # the row differences are taken against (default: the first)
 
 Each cell lives in ``<output>/<dataset>/<label>/seed<k>/``: ``cell.json`` (its settings and status),
 ``trainer.yaml`` (the base config without the keys the study sets per cell), ``train/`` (the trainer's
@@ -27,8 +28,9 @@ experiment folder), ``eval/`` (``metrics.json``, ``reliability.json``, ``predict
 ``train.log`` / ``eval.log``. A finished cell is skipped, an interrupted one resumes (``--resume auto``), one
 whose settings changed is refused unless ``--overwrite``, a failed one is reported and the others go on.
 The study writes ``study.json`` (for ``timm_cskd.figures``), ``study.md`` (the paper's tables, mean ±
-sample std over seeds), ``study.csv`` (one row per run and metric) and ``reliability_<dataset>.png``.
-Nothing is downloaded.
+sample std over seeds; differences from the baseline with Welch's t; the calibration regime in words, as
+``timm_cskd.study_report`` writes them from a study folder), ``study.csv`` (one row per run and metric)
+and ``reliability_<dataset>.png``. Nothing is downloaded.
 """
 
 from __future__ import annotations
