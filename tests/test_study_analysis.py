@@ -169,7 +169,7 @@ def test_regime_under_confident_baseline_and_named_baseline():
         "takes CS-KD's ECE from 9.80 to 2.50, above the lowest ECE another method reaches without it (LS, 2.00)"
         in text
     )
-    assert "After temperature scaling CE and LS still have a lower ECE than CS-KD beyond seed noise." in text
+    assert "After temperature scaling CE and LS have a lower ECE than CS-KD beyond seed noise." in text
     assert_traceable(text, rows)
     table = table_cells(dataset_table(rows, baseline="CS-KD"))
     assert table["CE"]["Top-1 err (%) ↓"].endswith(f"({100 * (11 - 12.1666667) / 12.1666667:+.1f}%)")
@@ -264,3 +264,13 @@ def test_baseline_flag_and_grid_key(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("baseline: LS\n")
     assert st.load_grid(grid) == {"baseline": "LS"}
+
+
+def test_regime_with_no_difference_beyond_seed_noise():
+    ce = known_rows()[0][1]
+    rows = [("CE", ce), ("MaxEnt", [dict(m, ece=m["ece"] + d) for m, d in zip(ce, (0.3, -0.2, 0.1))])]
+    text = regime_paragraph(rows, calib_split="calib")
+    assert "No method flips the sign of CE's confidence gap." in text
+    assert "No method is better or worse than CE beyond seed noise on any metric." in text
+    assert "Better than" not in text and "top-1" not in text
+    assert_traceable(text, rows)

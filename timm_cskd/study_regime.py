@@ -49,9 +49,8 @@ def _baseline_sentence(name: str, runs: list[dict], calib_split: str | None) -> 
             0,
         )
     regime = "over-confident" if gap > 0 else "under-confident"
-    return f"The baseline {name} is {regime}: confidence gap {_shown(runs, 'conf_gap')} and {ece}.", int(
-        np.sign(gap)
-    )
+    sentence = f"The baseline {name} is {regime}: confidence gap {_shown(runs, 'conf_gap')} and {ece}."
+    return sentence, 1 if gap > 0 else -1
 
 
 def _flip_sentence(name: str, rows, sign: int) -> str:
@@ -101,7 +100,7 @@ def _noise_sentences(name: str, rows, found) -> list[str]:
     if worse:
         sentences.append(f"Worse than {name} beyond seed noise: {'; '.join(worse)}.")
     if not better and not worse:
-        sentences.append(f"No method differs from {name} beyond seed noise on any metric.")
+        sentences.append(f"No method is better or worse than {name} beyond seed noise on any metric.")
     top1 = [
         label for label, by_key in found.items() if "top1_err" in by_key and by_key["top1_err"].significant
     ]
@@ -134,8 +133,9 @@ def _scaling_sentences(name: str, rows, found, calib_split: str | None) -> list[
     ]
     if any("ece_ts" in by_key and by_key["ece_ts"].t is not None for by_key in found.values()):
         if lower:
+            verb = "has" if len(lower) == 1 else "have"
             sentences.append(
-                f"After temperature scaling {_join(lower)} still have a lower ECE than {name} beyond seed noise."
+                f"After temperature scaling {_join(lower)} {verb} a lower ECE than {name} beyond seed noise."
             )
         else:
             sentences.append(
