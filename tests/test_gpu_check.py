@@ -183,3 +183,29 @@ def test_a_row_that_no_longer_fits_the_budget_is_skipped_and_marked(tmp_path, ca
     assert list(rows) == ["evaluate"]
     assert rows["evaluate"][0] == "SKIP" and rows["evaluate"][2].startswith("budget: needs ~5 s")
     assert json.loads((tmp_path / "gpu_check.json").read_text())["rows"][0]["status"] == "SKIP"
+
+
+def test_sync_counter_on_cuda_records_torchs_sync_warnings_with_their_place(monkeypatch):
+    """The CUDA path without a GPU: torch's sync debug mode reports each synchronising call as a
+    UserWarning; here the step raises that warning itself, as torch would inside ``.item()``."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    trainer = _FakeTrainer(sync_in_step=False)
+    step = trainer._train_step
+
+    def warning_step(*args):
+        step(*args)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    trainer._train_step = warning_step
+    counter = SyncCounter(cuda=True)
+    instrument(trainer, counter)
+    with counter:
+        trainer.fit()
+    assert modes == ["warn", 0], "the debug mode is on inside and restored after"
+    summary = counter.summary(warmup_steps=2)
+    assert summary["in_steps"] == 4 and summary["at_log_steps"] == 0
+    assert all("warning_step" in place for place in summary["places_in_steps"])
