@@ -26,10 +26,6 @@ from .common import (
 LOSS_SHAPES = [(256, 1000), (1024, 1000)]
 
 
-def throughput_names() -> list[str]:
-    return [f"train {k} {MODE_LABEL[m]}" for k in ("eager", "compiled") for m in MODES]
-
-
 def measure_throughput(env: Env) -> list[Row]:
     """CE vs anchor vs paired, eager and compiled (the compile row's model), interleaved rounds."""
     args = env.args
