@@ -86,7 +86,7 @@ def test_smoke_runs_every_row_and_the_trainer_rows_pass(tmp_path):
         assert status in expected, f"{name}: {rows[name]}"
     # What each row's PASS stands for, as the table states it.
     assert rows["fp16 GradScaler"][1] == "skipped CE/anchor/paired 0/0/0"
-    assert rows["trainer SIGTERM + resume"][1].endswith("resumed, finished=True")
+    assert rows["trainer SIGTERM + resume"][1].endswith("; resume exit 0, finished=True")
     assert "process group empty" in rows["trainer SIGTERM + resume"][2]
     assert rows["trainer host syncs"][1] == "0 outside log steps"
     assert rows["trainer 2 ranks"][1] == "weights identical on both ranks"

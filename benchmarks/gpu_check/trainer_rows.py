@@ -118,6 +118,14 @@ def _status(folder: Path) -> dict:
         return {}
 
 
+def _epoch_rows(folder: Path) -> list[dict]:
+    try:
+        with open(folder / "summary.csv") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
 def row_sigterm_resume(env: Env) -> Row:
     """SIGTERM to the trainer's process group mid-epoch leaves a checkpoint and exit 0; --resume auto
     continues from it and finishes the run."""
@@ -144,11 +152,10 @@ def row_sigterm_resume(env: Env) -> Row:
     rc2 = resumed.wait(env.left() + 30)
     text = resumed.output()
     status = _status(folder)
-    with open(folder / "summary.csv") if (folder / "summary.csv").exists() else open(os.devnull) as f:
-        epochs = list(csv.DictReader(f))
+    epochs = _epoch_rows(folder)
     ok = rc == 0 and gone and stopped and mid_epoch and rc2 == 0 and "resumed from" in text
     ok = ok and status.get("finished") is True and len(epochs) == 1
-    value = f"stopped at batch {position[1]}/{total}, resumed, finished={status.get('finished')}"
+    value = f"stopped at batch {position[1]}/{total}; resume exit {rc2}, finished={status.get('finished')}"
     detail = (
         f"SIGTERM exit {rc} ({'stop logged' if stopped else 'NO stop log'}), process group "
         f"{'empty' if gone else 'STILL ALIVE'}; --resume auto exit {rc2}, {len(epochs)} epoch row(s); "
