@@ -58,7 +58,7 @@ ROWS = [
     (["channels_last"], "checks:check_channels_last", 6, 5),
     (["DDP 1-process"], "checks:check_ddp", 8, 5),
     (["evaluate"], "checks:check_evaluate", 5, 5),
-    (["trainer SIGTERM + resume"], "trainer_rows:row_sigterm_resume", 70, 60),
+    (["trainer SIGTERM + resume"], "trainer_rows:row_sigterm_resume", 80, 60),
     (["trainer host syncs", "loader vs GPU step"], "trainer_rows:rows_syncs_and_loader", 45, 30),
     (["trainer 2 ranks"], "trainer_rows:row_two_ranks", 50, 40),
     (["torch.compile"], "checks:check_compile", 75, 90),
