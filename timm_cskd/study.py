@@ -209,7 +209,7 @@ class Study:
     eval_args: list[str]
     calib_split: str | None
     cells: list[Cell]
-    baseline: str = ""  # the row the differences are taken against (its label)
+    baseline: str | None = None  # the label of the row differences are taken against (None: the first)
 
 
 def _literal(text: str):
@@ -898,7 +898,7 @@ def _markdown(study: Study, tables: dict[str, list[str]], diagrams: dict[str, Pa
     legend = (
         "Each entry is the mean ± sample standard deviation (ddof=1) over the seeds (the mean alone with one "
         "seed). Errors, ECE, R@1 and the confidence gap are in percent. Top-1's parenthesis is the relative "
-        f"change of its mean against the baseline's, {study.baseline}. Bold: the best per column (the lowest; "
+        f"change of its mean against the baseline's, {study.baseline or study.rows[0].label}. Bold: the best per column (the lowest; "
         "the highest R@1; the confidence gap closest to 0). The confidence gap is mean confidence minus "
         "accuracy: positive is over-confident."
     )
