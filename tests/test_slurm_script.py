@@ -56,9 +56,9 @@ def events(tmp_path):
     return log.read_text().splitlines() if log.exists() else []
 
 
-def wait_for_traps(shell, tmp_path):
-    """Until torchrun runs and the shell catches USR1 and TERM (its SigCgt mask in /proc)."""
-    wanted = (1 << (signal.SIGUSR1 - 1)) | (1 << (signal.SIGTERM - 1))
+def wait_for_traps(shell, tmp_path, *signals):
+    """Until torchrun runs and the shell catches ``signals`` (its SigCgt mask in /proc)."""
+    wanted = sum(1 << (sig - 1) for sig in signals)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         status = Path(f"/proc/{shell.pid}/status").read_text()
@@ -66,12 +66,12 @@ def wait_for_traps(shell, tmp_path):
         if caught & wanted == wanted and events(tmp_path):
             return
         time.sleep(0.05)
-    pytest.fail("the script never started torchrun with its traps set")
+    pytest.fail(f"the script never started torchrun catching {signals}")
 
 
 def test_time_limit_checkpoints_first_then_requeues(job):
     shell, tmp_path = job
-    wait_for_traps(shell, tmp_path)
+    wait_for_traps(shell, tmp_path, signal.SIGUSR1)
     shell.send_signal(signal.SIGUSR1)  # --signal=B:USR1@300: the batch shell alone
     shell.wait(timeout=30)
     assert events(tmp_path)[1:] == ["term", "saved", "requeue 77 torchrun gone"]
@@ -80,7 +80,7 @@ def test_time_limit_checkpoints_first_then_requeues(job):
 
 def test_preemption_waits_for_the_checkpoint_and_leaves_the_requeue_to_slurm(job):
     shell, tmp_path = job
-    wait_for_traps(shell, tmp_path)
+    wait_for_traps(shell, tmp_path, signal.SIGTERM)
     # Slurm signals the step's processes and the batch shell.
     os.kill(int((tmp_path / "pid").read_text()), signal.SIGTERM)
     shell.send_signal(signal.SIGTERM)
