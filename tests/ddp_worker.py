@@ -7,6 +7,8 @@ Test-only faults and probes, from the environment:
   torchrun's store the failure flag NCCL's watchdog writes there; a restarted rank exits 3 if the flag
   survived into its attempt (its NCCL heartbeat monitor would abort on it).
 - ``PER_RANK_OUTPUT``: each rank writes under ``--output``/node{R}, as nodes without shared storage do.
+- ``STEP_SECONDS``: every step takes at least that long (a large model's step), so a signal sent after
+  the first checkpoint lands mid-run however fast this machine is.
 - ``SLOW_RESTART``: on a torchrun restart, rank 1 starts that many seconds after rank 0 (a slow import
   or file system), so rank 0 reads the store before rank 1 has written its new address to it.
 """
@@ -41,6 +43,7 @@ def instrument():
     record_dir = os.environ.get("RECORD_DIR")
     stop_at = int(os.environ.get("STOP_AT_STEP", 0))
     crash_at = int(os.environ.get("CRASH_AT_STEP", 0))
+    step_seconds = float(os.environ.get("STEP_SECONDS", 0))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
     plan_iter = _PlanBatchSampler.__iter__
@@ -58,6 +61,7 @@ def instrument():
             with open(Path(record_dir) / f"rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps([epoch, batch]) + "\n")
         result = train_step(self, images, target, *accumulation)
+        time.sleep(step_seconds)
         if self.state.global_step + 1 == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         if first_attempt and rank == 1 and self.state.global_step + 1 == crash_at:

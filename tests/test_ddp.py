@@ -170,7 +170,9 @@ def test_resume_fails_on_every_rank_when_one_cannot_read_the_checkpoint(elastic_
 
 
 def test_multi_node_restarts_on_a_shared_store_warn_with_the_fix(monkeypatch, caplog):
-    from timm_cskd.distributed import _init_url
+    from timm_cskd.distributed import Launch, _init_url
+
+    torchrun = Launch(world_size=2, rank=0, local_rank=0, launcher="torchrun")
 
     env = {
         "TORCHELASTIC_RESTART_COUNT": "0",
@@ -181,10 +183,10 @@ def test_multi_node_restarts_on_a_shared_store_warn_with_the_fix(monkeypatch, ca
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("SLURM_PROCID", raising=False)
-    assert _init_url() == "env://"
+    assert _init_url(torchrun) == "env://"
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
     caplog.clear()
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what torchrun sets under it
-    assert _init_url() == "env://"
+    assert _init_url(torchrun) == "env://"
     assert not caplog.text

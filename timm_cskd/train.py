@@ -206,7 +206,7 @@ class Trainer:
             # Only when asked: torch deprecates the argument, and True is its default.
             ddp_kwargs = {"broadcast_buffers": False} if args.no_ddp_bb else {}
             self.task.prepare_distributed(
-                device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None, **ddp_kwargs
+                device_ids=[ctx.device] if ctx.device.type == "cuda" else None, **ddp_kwargs
             )
         if args.torchcompile:
             self.task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
