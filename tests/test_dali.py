@@ -1,5 +1,6 @@
 """DALI backend on CPU (device_id=None): the plan decides the order, decoding matches the pixels."""
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 from PIL import Image
 
 from timm_cskd.config import parse_args
-from timm_cskd.data import build_index
+from timm_cskd.data import ImageIndex, build_index
+from timm_cskd.data.loader import create_batch_sampler
 from timm_cskd.data.verify import main as verify_main
 from timm_cskd.distributed import Context
 from timm_cskd.train import main, run
@@ -114,6 +116,31 @@ def test_labels_equal_the_torch_backend(coded_folder):
         torch_labels = [labels.tolist() for _, labels in torch_loader]
         dali_labels = [labels.tolist() for _, labels in dali_loader]
         assert torch_labels == dali_labels
+
+
+def synthetic_index(n, classes=10):
+    labels = np.arange(n) % classes
+    paths = [f"class_{y:03d}/img_{i:08d}.JPEG" for i, y in enumerate(labels)]
+    return ImageIndex("/nowhere", paths, labels, [f"class_{c:03d}" for c in range(classes)])
+
+
+def test_each_reader_is_sent_file_names_not_the_index_and_reads_its_ranks_plan():
+    payload = {}
+    for n in (300, 100_000):
+        index = synthetic_index(n)
+        sampler = create_batch_sampler(index, "anchor", 4, num_replicas=2, rank=1, seed=5)
+        loader = dali.DaliTrainLoader(index, sampler, DATA_CONFIG, dali_args(batch=4), None)
+        payload[n] = pickle.dumps(loader._source(3, 0))  # what DALI sends each reader process
+        reader = pickle.loads(payload[n])
+        for epoch_idx in (0, 1):  # a pipeline serves the next epoch after a reset
+            sampler.set_epoch(3 + epoch_idx)
+            expected = [i for batch in sampler for i in batch]  # the torch backend's order
+            plan = reader._plan_for(epoch_idx)
+            mapped = reader.files.index
+            assert [mapped.paths[i] for i in plan] == [index.paths[i] for i in expected]
+            np.testing.assert_array_equal(mapped.labels[plan], index.labels[expected])
+    assert len(payload[100_000]) < 2_000, "a reader unpickles file names, not 100k paths"
+    assert abs(len(payload[100_000]) - len(payload[300])) < 8
 
 
 def test_resume_mid_epoch_starts_at_the_saved_batch(coded_folder):

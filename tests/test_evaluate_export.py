@@ -166,6 +166,90 @@ def test_evaluation_runs_without_tf32_and_restores_the_flags(precision):
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
+def _precision():
+    backends = torch.backends
+    return backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+
+
+def test_recall_shortlist_runs_in_full_float32_when_training_left_tf32_on(trained, tmp_path, monkeypatch):
+    data, run_dir, _ = trained
+    seen, cdist = [], torch.cdist
+
+    def recording_cdist(*args, **kwargs):  # the shortlist's matrix products
+        seen.append(_precision())
+        return cdist(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cdist", recording_cdist)
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")  # as distributed.setup_context leaves them on CUDA
+        torch.backends.cudnn.allow_tf32 = True
+        argv = ["--checkpoint", str(run_dir / "last.pth.tar"), "--data-dir", str(data), "-j", "0"]
+        assert evaluate.main([*argv, "--recall-chunk", "4", "--output", str(tmp_path / "eval")]) == 0
+        assert _precision() == (True, True, "medium"), "the caller's settings are restored"
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+    assert len(seen) == 3 and set(seen) == {(False, False, "highest")}, seen  # 11 images, 4 a chunk
+
+
+class Embedding(torch.nn.Module):
+    """A timm-like model whose pooled features are its inputs."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(dim, num_classes)
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def _evaluating_rank(rank, world_size, store, features, labels, out):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
+    )
+    torch.manual_seed(0)
+    model = Embedding(features.shape[1], int(labels.max()) + 1)
+    shard = torch.arange(rank, len(labels), world_size)  # the validation sharding: r, r + W, ...
+    batches = [(features[i], labels[i]) for i in shard.split(4)]
+    result = evaluate.evaluate(model, batches, torch.device("cpu"), collect=True, save_logits=True)
+    held = {"features": result.features, "labels": result.labels, "logits": result.logits}
+    if rank == 0:
+        held["recall"] = evaluate.recall_at_1(result, chunk_size=16)
+        held["expected_logits"] = model(features)
+    torch.save(held, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: about 20 s on two shared cores, mostly imports
+def test_two_rank_recall_equals_a_float64_brute_force_and_only_rank_0_holds_the_features(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    n, dim = 61, 8  # odd: rank 1 holds one image fewer
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    centres = torch.randn(4, dim, generator=generator)
+    features = centres[labels] + 0.8 * torch.randn(n, dim, generator=generator)
+    torch.multiprocessing.spawn(
+        _evaluating_rank, args=(2, tmp_path / "store", features, labels, tmp_path), nprocs=2
+    )
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank1 == {"features": None, "labels": None, "logits": None}
+    torch.testing.assert_close(rank0["features"], features, rtol=0, atol=0)
+    torch.testing.assert_close(rank0["labels"], labels, rtol=0, atol=0)
+    torch.testing.assert_close(rank0["logits"], rank0["expected_logits"])
+
+    exact = torch.cdist(features.double(), features.double())
+    exact.fill_diagonal_(float("inf"))
+    hits = (labels[exact.argmin(dim=1)] == labels).sum().item()
+    assert 0 < hits < n
+    assert rank0["recall"] == pytest.approx(100.0 * hits / n)
+
+
 def test_evaluate_state_dict_and_exported_folder_agree(trained, tmp_path):
     data, run_dir, _ = trained
     checkpoint = torch.load(run_dir / "last.pth.tar", weights_only=True)

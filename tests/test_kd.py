@@ -4,6 +4,8 @@ source a timm-cskd user has, the teacher kept frozen and out of the optimizer an
 and exact resume."""
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -285,6 +287,69 @@ def test_teacher_input_is_renormalised_from_the_students_mean_and_std(data_dir, 
     teacher_mean, teacher_std = (torch.tensor(teacher_config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     pixels = images * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
     torch.testing.assert_close(calls[0][0], (pixels - teacher_mean) / teacher_std)
+
+
+# Calls that wait for the device on a GPU (and are plain calls on the CPU, where they can be counted).
+HOST_SYNCS = {
+    torch: ("equal", "nonzero", "unique", "masked_select"),
+    torch.Tensor: ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"),
+}
+
+
+# The loss's target check branches on the device: on the CPU it reads the check's result, on a GPU it
+# asserts on the device (torch._assert_async) without waiting.
+CPU_ONLY = {("_validate", "timm_cskd/loss.py")}
+
+
+def host_syncs_in(monkeypatch, fn, *args) -> list[str]:
+    """The host-synchronising calls ``fn(*args)`` would make on a GPU, by name and caller."""
+    calls = []
+
+    def counted(name, original):
+        def call(*a, **kw):
+            caller = sys._getframe(1).f_code
+            if (caller.co_name, "/".join(Path(caller.co_filename).parts[-2:])) not in CPU_ONLY:
+                calls.append(f"{name} in {caller.co_name} ({caller.co_filename}:{sys._getframe(1).f_lineno})")
+            return original(*a, **kw)
+
+        return call
+
+    with monkeypatch.context() as patch:
+        for owner, names in HOST_SYNCS.items():
+            for name in names:
+                patch.setattr(owner, name, counted(name, getattr(owner, name)))
+        fn(*args)
+    return calls
+
+
+@pytest.mark.parametrize("normalisation", ["the teacher's", "another"])
+@pytest.mark.parametrize("method", ["ce", "cskd"])
+def test_a_kd_training_step_never_waits_for_the_device_and_feeds_timms_teacher_input(
+    data_dir, tmp_path, teacher_checkpoint, monkeypatch, method, normalisation
+):
+    flags = ["--method", method, "--kd-model-name", str(teacher_checkpoint)]
+    if normalisation == "another":
+        flags += ["--mean", "0.2", "0.3", "0.4", "--std", "0.3", "0.25", "0.2"]
+    trainer = Trainer(parse_args(tiny_args(data_dir, tmp_path, *flags)))
+    trainer.close()
+    teacher = trainer.task.teacher
+    calls = []
+    _record_outputs(teacher.model, calls)
+    images = torch.randn(8, 3, 32, 32)
+    target = torch.tensor([0, 1, 2, 3]).repeat(2)  # anchors and their same-class partners for cskd
+    assert host_syncs_in(monkeypatch, trainer._train_step, images, target, 1, True) == []
+
+    # timm's own re-normalisation of the images the teacher saw (the anchors for cskd).
+    student_mean, student_std = (
+        torch.tensor(trainer.data_config[k]).view(1, 3, 1, 1) for k in ("mean", "std")
+    )
+    seen = images[: len(calls[0][0])]
+    expected = teacher.normalize_input(seen, student_mean, student_std)
+    if normalisation == "another":
+        assert not torch.equal(expected, seen)
+        torch.testing.assert_close(calls[0][0], expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(calls[0][0], seen)
 
 
 # ----------------------------------------------------------------------------- exact resume

@@ -37,7 +37,7 @@ from timm_cskd.distributed import setup_context
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
 from timm_cskd.reliability import bins_to_dict, plot_reliability
 
-__all__ = ["Evaluation", "evaluate", "main"]
+__all__ = ["Evaluation", "evaluate", "main", "recall_at_1"]
 
 _logger = logging.getLogger("timm_cskd.evaluate")
 
@@ -57,15 +57,19 @@ def _forward(model, images, collect: bool):
     return model.forward_head(features), model.forward_head(features, pre_logits=True)
 
 
-def _gather_in_order(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor:
-    """Undo the validation sharding: rank r held images r, r + W, r + 2W, ..."""
+def _gather_to_primary(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor | None:
+    """On rank 0, the ranks' shards in dataset order (rank r held images r, r + W, r + 2W, ...); None on
+    the other ranks, which never use them (an all-gather would hold W copies of the features)."""
     if world_size == 1:
         return local
     longest = -(-total // world_size)
     padded = local.new_zeros((longest, *local.shape[1:]))
     padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
+    primary = dist.get_rank() == 0
+    parts = [torch.empty_like(padded) for _ in range(world_size)] if primary else None
+    dist.gather(padded, parts, dst=0)
+    if not primary:
+        return None
     out = local.new_empty((total, *local.shape[1:]))
     for rank, part in enumerate(parts):
         out[rank::world_size] = part[: len(range(rank, total, world_size))]
@@ -136,8 +140,8 @@ def evaluate(
     """Run ``model`` over ``loader`` (this rank's shard) in full float32 and all-reduce the metric sums.
 
     ``collect`` also gathers penultimate pooled features (for recall@k), ``save_logits`` the float32
-    logits; either gathers the labels, all in dataset order on every rank. ``progress`` logs every tenth
-    of the batches.
+    logits; either gathers the labels, all in dataset order on rank 0 (None on the other ranks).
+    ``progress`` logs every tenth of the batches.
     """
     meter = ClassificationMeter(num_bins=num_bins, device=device)
     features, logits_seen, labels = [], [], []
@@ -167,12 +171,19 @@ def evaluate(
     if collect or save_logits:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total = int(meter.sums[0].item())
-        result.labels = _gather_in_order(torch.cat(labels), total, world)
+        result.labels = _gather_to_primary(torch.cat(labels), total, world)
         if collect:
-            result.features = _gather_in_order(torch.cat(features), total, world)
+            result.features = _gather_to_primary(torch.cat(features), total, world)
         if save_logits:
-            result.logits = _gather_in_order(torch.cat(logits_seen), total, world)
+            result.logits = _gather_to_primary(torch.cat(logits_seen), total, world)
     return result
+
+
+def recall_at_1(result: Evaluation, chunk_size: int = 1024) -> float:
+    """recall@1 (percent) of an evaluation's gathered features, on rank 0, in full float32 like every
+    other metric: its shortlist's matrix products would otherwise run in the TF32 training turns on."""
+    with full_fp32():
+        return recall_at_k(result.features, result.labels, k=1, chunk_size=chunk_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,9 +347,7 @@ def run(args) -> dict:
                 metrics["ece_ts"],
                 metrics["conf_gap_ts"],
             )
-        metrics["recall_at_1"] = recall_at_k(
-            result.features, result.labels, k=1, chunk_size=args.recall_chunk
-        )
+        metrics["recall_at_1"] = recall_at_1(result, args.recall_chunk)
         out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split)
         out.mkdir(parents=True, exist_ok=True)
         metrics["checkpoint"] = loaded.source

@@ -17,7 +17,10 @@ pipeline restarts at the same batch.
 The reader workers are spawned, not forked: the trainer has initialised CUDA by the time the pipeline
 is built, and DALI refuses to fork a process with a CUDA context. A scheduler's SIGTERM does not stop
 them (the trainer saves its preemption checkpoint, then exits) and they leave with the trainer
-(``timm_cskd.data.workers``).
+(``timm_cskd.data.workers``). Each is sent file names, not the index: the index is written once per
+loader into memory-mapped files (``timm_cskd.data.mapped_index``) and each epoch's plan into another, so
+``-j`` readers on each of a node's ranks share one copy of the pages instead of unpickling 1.28M paths
+each at every pipeline start (``benchmarks/dali_index.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 from timm_cskd.config import ConfigError
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.data.loader import create_batch_sampler
+from timm_cskd.data.mapped_index import MappedIndex
 from timm_cskd.data.workers import become_deaf_worker
 
 try:
@@ -95,22 +99,16 @@ def _read(path: str) -> tuple[np.ndarray | None, str | None]:
     return data, structural_problem(data)
 
 
-def _classmates(labels: np.ndarray) -> dict[int, np.ndarray]:
-    order = np.argsort(labels, kind="stable")
-    return {int(labels[g[0]]): g for g in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)}
-
-
 class _GoodFiles:
     """Encoded bytes of dataset item i, or of its next classmate that reads whole when i does not.
 
     Problems are reported once per file through marker files in ``report_dir``, shared by every reader
     process; the loader logs them (with paths) from the main process."""
 
-    def __init__(self, index: ImageIndex, excluded: frozenset[int], report_dir: str):
-        self.root, self.paths, self.labels = index.root, index.paths, index.labels
+    def __init__(self, index: MappedIndex, excluded: frozenset[int], report_dir: str):
+        self.index = index  # pickled as its folder's name: no mapped array may be an attribute here
         self.excluded, self.report_dir = excluded, report_dir
         self._bad: set[int] = set(excluded)
-        self._mates: dict[int, np.ndarray] | None = None
 
     def _report(self, i: int, reason: str) -> None:
         try:
@@ -118,12 +116,10 @@ class _GoodFiles:
         except OSError:  # reported already, or the loader is gone
             return
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.path.join(self.root, self.paths[i])}\t{reason}")
+            f.write(f"{self.index.full_path(i)}\t{reason}")
 
     def _candidates(self, i: int):
-        if self._mates is None:
-            self._mates = _classmates(self.labels)
-        mates = self._mates[int(self.labels[i])]
+        mates = self.index.classmates(int(self.index.labels[i]))
         start = int(np.flatnonzero(mates == i)[0])
         return itertools.chain(mates[start:], mates[:start])
 
@@ -132,12 +128,14 @@ class _GoodFiles:
             j = int(j)
             if j in self._bad:
                 continue
-            data, problem = _read(os.path.join(self.root, self.paths[j]))
+            data, problem = _read(self.index.full_path(j))
             if problem is None:
                 return data, j
             self._bad.add(j)
             self._report(j, problem)
-        raise RuntimeError(f"no image of class {int(self.labels[i])} under {self.root} can be read whole")
+        raise RuntimeError(
+            f"no image of class {int(self.index.labels[i])} under {self.index.root} can be read whole"
+        )
 
 
 def _in_reader() -> None:
@@ -149,24 +147,24 @@ def _in_reader() -> None:
 class _PlanSource:
     """Per-sample source: the encoded bytes and label of position i of this rank's epoch plan.
 
-    Runs in DALI's spawned worker processes, so it derives everything from (seed, epoch) through its own
-    copy of the sampler; DALI's ``epoch_idx`` counts pipeline resets, mapped to (first_epoch + epoch_idx),
-    the first of which starts at plan position ``start``.
+    Runs in DALI's spawned worker processes, ``-j`` per rank, each unpickling its own copy: so it holds
+    only file names. The index is memory-mapped (``MappedIndex``, shared by every reader of the rank) and
+    so is each epoch's plan, written by the loader (``_write_plan``) before DALI can ask for it; DALI's
+    ``epoch_idx`` counts pipeline resets, mapped to (first_epoch + epoch_idx), the first of which starts
+    at plan position ``start``.
     """
 
     def __init__(
         self,
-        index: ImageIndex,
-        sampler,
+        index: MappedIndex,
+        plans: str,
         first_epoch: int,
         start: int,
         excluded: frozenset[int],
         report_dir: str,
     ):
         self.files = _GoodFiles(index, excluded, report_dir)
-        self.labels = index.labels
-        self.sampler = copy.copy(sampler)  # set_epoch below must not move the trainer's sampler
-        self.first_epoch, self.start = first_epoch, start
+        self.plans, self.first_epoch, self.start = plans, first_epoch, start
         self._epoch, self._plan = None, None
 
     def __setstate__(self, state):
@@ -175,8 +173,8 @@ class _PlanSource:
 
     def _plan_for(self, epoch_idx: int) -> np.ndarray:
         if self._epoch != epoch_idx:
-            self.sampler.set_epoch(self.first_epoch + epoch_idx)
-            self._plan = _flat_plan(self.sampler, self.start if epoch_idx == 0 else 0)
+            epoch, start = self.first_epoch + epoch_idx, self.start if epoch_idx == 0 else 0
+            self._plan = np.load(_plan_file(self.plans, epoch, start), mmap_mode="r")
             self._epoch = epoch_idx
         return self._plan
 
@@ -185,7 +183,7 @@ class _PlanSource:
         if info.idx_in_epoch >= len(plan):
             raise StopIteration
         encoded, _ = self.files.get(plan[info.idx_in_epoch])
-        return encoded, np.array(self.labels[plan[info.idx_in_epoch]], dtype=np.int64)
+        return encoded, np.array(self.files.index.labels[plan[info.idx_in_epoch]], dtype=np.int64)
 
 
 def _flat_plan(sampler, start: int) -> np.ndarray:
@@ -194,6 +192,25 @@ def _flat_plan(sampler, start: int) -> np.ndarray:
     columns = sampler.rank_plan(start)
     k = sampler.units_per_batch
     return np.concatenate([column.reshape(-1, k) for column in columns], axis=1).ravel()
+
+
+def _plan_file(folder: str, epoch: int, start: int) -> str:
+    return os.path.join(folder, f"plan-{epoch}-{start}.npy")
+
+
+def _write_plan(folder: str, sampler, epoch: int, start: int) -> None:
+    """Write ``_flat_plan`` of ``epoch`` from ``start`` for the readers, whole or not at all; drop the
+    plans of epochs before the previous one, which no reader can still be reading."""
+    path = _plan_file(folder, epoch, start)
+    if not os.path.exists(path):
+        planner = copy.copy(sampler)  # set_epoch must not move the trainer's sampler
+        planner.set_epoch(epoch)
+        partial = path.removesuffix(".npy") + ".partial.npy"
+        np.save(partial, _flat_plan(planner, start))
+        os.replace(partial, path)
+    for name in os.listdir(folder):
+        if name.startswith("plan-") and int(name.split("-")[1]) < epoch - 1:
+            os.remove(os.path.join(folder, name))
 
 
 def _images_per_batch(sampler) -> int:
@@ -314,9 +331,13 @@ class _DaliLoader:
         self.excluded: set[int] = set()
         self._report_dir = tempfile.mkdtemp(prefix="timm_cskd_dali_")
         self._reported: set[str] = set()
+        # Written once per loader (each rank's), mapped by every reader of every pipeline it builds.
+        self._shared_dir = tempfile.mkdtemp(prefix="timm_cskd_dali_index_")
+        self.mapped = MappedIndex.write(index, self._shared_dir)
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_report_dir", ""), ignore_errors=True)
+        shutil.rmtree(getattr(self, "_shared_dir", ""), ignore_errors=True)
 
     def _torch_batches(self, iterator):
         for data in iterator:
@@ -340,7 +361,7 @@ class _DaliLoader:
     def _exclude_undecodable(self, error: RuntimeError, items: np.ndarray, where: str) -> None:
         """After a decoder error: find which of ``items`` DALI cannot decode, exclude them, or re-raise
         naming the files when each decodes."""
-        files = _GoodFiles(self.index, frozenset(self.excluded), self._report_dir)
+        files = _GoodFiles(self.mapped, frozenset(self.excluded), self._report_dir)
         readable = {}
         for i in dict.fromkeys(int(i) for i in items):
             encoded, used = files.get(i)
@@ -375,12 +396,18 @@ class DaliTrainLoader(_DaliLoader):
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
+    def _source(self, epoch: int, start: int) -> _PlanSource:
+        """The readers' source for a pipeline that starts at plan position ``start`` of ``epoch``."""
+        _write_plan(self._shared_dir, self.batch_sampler, epoch, start)
+        _write_plan(self._shared_dir, self.batch_sampler, epoch + 1, 0)  # DALI may start it unasked
+        return _PlanSource(
+            self.mapped, self._shared_dir, epoch, start, frozenset(self.excluded), self._report_dir
+        )
+
     def _build(self, epoch: int, start: int):
         args, device_id = self.args, self.device_id
         rank = self.batch_sampler.rank
-        source = _PlanSource(
-            self.index, self.batch_sampler, epoch, start, frozenset(self.excluded), self._report_dir
-        )
+        source = self._source(epoch, start)
         decoder = "mixed" if device_id is not None else "cpu"
         size = self.data_config["input_size"][-2:]
         dtype = (
@@ -442,6 +469,9 @@ class DaliTrainLoader(_DaliLoader):
         # repeated epoch) rebuilds it so the plan, not DALI's state, decides where reading starts.
         if epoch != self._next_epoch or start != 0:
             self._iterator = None
+        else:
+            # The running pipeline's readers move on to the next epoch as soon as this one ends.
+            _write_plan(self._shared_dir, sampler, epoch + 1, 0)
         self._next_epoch = epoch + 1
         if batch >= len(self):
             # Saved at the epoch's last batch (or re-sharded into less than one step): nothing left.
@@ -484,7 +514,7 @@ class DaliValLoader(_DaliLoader):
         return -(-len(self.indices) // self.batch_size)
 
     def _batches(self, first_batch: int):
-        files = _GoodFiles(self.index, frozenset(self.excluded), self._report_dir)
+        files = _GoodFiles(self.mapped, frozenset(self.excluded), self._report_dir)
         for start in range(first_batch * self.batch_size, len(self.indices), self.batch_size):
             chunk = self.indices[start : start + self.batch_size]
             yield (

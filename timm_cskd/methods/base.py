@@ -13,8 +13,9 @@ teacher (``--kd-model-name``) composes with any of them here, in the base class:
     loss = task_weight * CE + method regulariser + distill_weight * T^2 * KL(sg p_teacher || p_student)
 
 The teacher (timm's ``DistillationTeacher``) runs in eval mode under ``no_grad`` and the caller's
-autocast, on the images the method's main logits came from; it stays out of DDP, EMA, the optimizer and
-the checkpoint.
+autocast, on the images the method's main logits came from, re-normalised by an affine map fixed when
+the task is built (``timm_cskd.teacher.input_renormalisation``); it stays out of DDP, EMA, the optimizer
+and the checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from timm.data.mixup import mixup_target
 from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils.model import unwrap_model
+
+from timm_cskd.teacher import input_renormalisation
 
 __all__ = [
     "Hyper",
@@ -182,8 +185,9 @@ class Method(TrainingTask):
             # re-normalisation starts from those (the model's pretrained_cfg when none is given).
             cfg = unwrap_model(model).pretrained_cfg
             mean, std = normalization or (cfg["mean"], cfg["std"])
-            self.register_buffer("student_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("student_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+            scale, shift = input_renormalisation(teacher, mean, std) or (None, None)
+            self.register_buffer("kd_input_scale", scale, persistent=False)
+            self.register_buffer("kd_input_shift", shift, persistent=False)
 
     def build_trainable(self, model: nn.Module) -> nn.Module:
         return model
@@ -285,8 +289,10 @@ class Method(TrainingTask):
         loss, ce, output, kd_input = self.compute(input, target)
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_input = self.teacher.normalize_input(kd_input, self.student_mean, self.student_std)
-                teacher_logits = self.teacher(teacher_input.detach())
+                teacher_input = kd_input.detach()
+                if self.kd_input_scale is not None:
+                    teacher_input = teacher_input * self.kd_input_scale + self.kd_input_shift
+                teacher_logits = self.teacher(teacher_input)
             loss = loss + self.kd.distill_weight * kl_to_target(output, teacher_logits, self.kd.temperature)
         loss_value = loss.detach()
         return {"loss": loss, "output": output.detach(), "ce": ce, "reg": loss_value - ce}
