@@ -214,7 +214,7 @@ def main():
     parser.add_argument("--per-class", type=int, default=64)
     parser.add_argument("--width", type=int, default=500, help="textures only")
     parser.add_argument("--height", type=int, default=375, help="textures only")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-dali", action="store_true", help="leave DALI out (not installed)")
     parser.add_argument("--draft", action="store_true", help="also measure reduced-scale JPEG decoding")
@@ -265,9 +265,11 @@ def main():
         rates = {name: [] for name in loaders}
         for loader in loaders.values():  # warm-up: worker start, pipeline build, page cache
             epoch_rate(loader, 0, device)
+        names = list(loaders)
         for r in range(args.rounds):
-            for name, loader in loaders.items():
-                rates[name].append(epoch_rate(loader, r + 1, device))
+            # Each round starts with another loader, so that a neighbour's load spreads over them all.
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                rates[name].append(epoch_rate(loaders[name], r + 1, device))
         draft = draft_savings(index) if args.draft else None
         kb = sum(Path(index.full_path(i)).stat().st_size for i in range(len(index))) / 1e3 / len(index)
 

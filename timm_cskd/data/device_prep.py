@@ -1,6 +1,6 @@
 """Batches finished where the model runs: the loader workers ship uint8 CHW images (a quarter of the bytes
 of normalised float32, and no normalisation on the host that feeds every GPU), and here they become the
-float32 that ``ToTensor`` + ``Normalize`` would have made, bit for bit, laid out channels_last when asked
+float32 that ``ToTensor`` + ``Normalize`` would have made (to float32 rounding), laid out channels_last when asked
 and randomly erased (timm's ``--reprob``). On CUDA the copy and this work run one batch ahead on a side
 stream, from pinned memory, as timm's ``PrefetchLoader`` does; on the CPU the same code runs in line.
 
@@ -68,8 +68,9 @@ class DevicePrep:
         re_count: int = 1,
     ):
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # On the 0-255 scale, as timm's PrefetchLoader: one pass fewer than ToTensor's x / 255 first.
+        self.mean = torch.tensor([255 * m for m in mean], device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor([255 * s for s in std], device=self.device).view(1, -1, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.erasing = None
         if re_prob > 0:
@@ -77,9 +78,9 @@ class DevicePrep:
             self._generator = _default_generator(self.device)
 
     def __call__(self, images: torch.Tensor, seeds: Sequence[int] | None = None, view: int = 0):
-        # ToTensor's x / 255, then Normalize's (x - mean) / std, in that order: the float path's values.
+        # (x - 255 mean) / (255 std): ToTensor + Normalize's values to float32 rounding (< 1e-6).
         x = images.to(dtype=torch.float32, memory_format=self.memory_format)
-        x = x.div_(255).sub_(self.mean).div_(self.std)
+        x = x.sub_(self.mean).div_(self.std)
         if self.erasing is not None:
             if seeds is None or len(seeds) != len(x):
                 raise ValueError("random erasing on the device needs each sample's plan seed")
