@@ -8,7 +8,8 @@ timm train.py's default augmentation (random-resized crop 224, flip, colour jitt
 bilinear/bicubic) with the same number of worker processes (DALI: CPU threads and as many reader
 processes), rounds interleaved, on the CPU here (``--device cuda`` on a GPU machine; DALI then decodes
 with nvJPEG). Printed per loader: images/s, images/s per worker, and the bytes per image that leave the
-workers (what the main process receives, pins and copies to the device).
+workers (what the main process receives, pins and copies to the device), and the CPU time per image
+of the main process and its workers together (steadier than wall time on a shared machine).
 
 - timm create_loader, no prefetcher: float32 normalised in the workers (timm's ``--no-prefetcher``).
 - timm create_loader + PrefetchLoader: uint8 from the workers, normalised by the PrefetchLoader (timm's
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -153,18 +155,37 @@ def shipped_bytes(loader) -> float:
     return (images.nbytes + extra) / len(images)
 
 
-def epoch_rate(loader, epoch: int, device: torch.device) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process and its children (loader workers, DALI readers), reaped or alive: on a
+    shared machine a steadier measure of a loader's cost than wall time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = {os.getpid()}
+    for children in Path("/proc/self/task").glob("*/children"):
+        pids.update(int(p) for p in children.read_text().split())
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a worker that just exited: counted below once reaped
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    reaped = os.times()
+    return total + reaped.children_user + reaped.children_system
+
+
+def epoch_rate(loader, epoch: int, device: torch.device) -> tuple[float, float]:
+    """Images/s (wall) and CPU milliseconds per image over one epoch."""
     sampler = loader.batch_sampler
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     images_seen = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for images, *_ in loader:
         images = images.to(device, non_blocking=True)
         images_seen += images.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return images_seen / (time.perf_counter() - start)
+    return images_seen / (time.perf_counter() - start), 1e3 * (cpu_seconds() - cpu) / images_seen
 
 
 def draft_savings(index, samples: int = 400) -> str:
@@ -281,13 +302,16 @@ def main():
     print(f"{len(index)} JPEGs: {source}, {kb:.0f} KB each; 224 px output, "
           f"batch {args.batch_size} images, {args.workers} workers each, device {device}, "
           f"best of {args.rounds} epochs")  # fmt: skip
-    print("| loader | images/s | images/s per worker | vs timm prefetcher | bytes/image shipped |")
-    print("|---|---|---|---|---|")
-    base = max(rates["timm create_loader + PrefetchLoader (uint8)"])
+    print("| loader | images/s | images/s per worker | vs timm prefetcher | CPU ms/image (median) | "
+          "bytes/image shipped |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    base = max(r for r, _ in rates["timm create_loader + PrefetchLoader (uint8)"])
     for name, values in rates.items():
-        best = max(values)
+        best = max(r for r, _ in values)
+        cpu = float(np.median([c for _, c in values]))
         print(
-            f"| {name} | {best:.0f} | {best / args.workers:.0f} | {best / base:.2f}x | {sizes[name]:,.0f} |"
+            f"| {name} | {best:.0f} | {best / args.workers:.0f} | {best / base:.2f}x | {cpu:.1f} "
+            f"| {sizes[name]:,.0f} |"
         )
     if draft:
         print(draft)
