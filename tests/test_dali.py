@@ -101,13 +101,14 @@ def test_batches_follow_the_plan_on_two_ranks(coded_folder, mode):
 
 
 def test_labels_equal_the_torch_backend(coded_folder):
-    from timm_cskd.data.loader import build_transforms, create_train_loader
+    from timm_cskd.data.loader import build_device_preps, build_transforms, create_train_loader
 
     index = build_index(coded_folder)
     args = dali_args("anchor", 3, workers=0)
     train_tf, _ = build_transforms(args, DATA_CONFIG)
+    preps = build_device_preps(args, DATA_CONFIG, None, CPU)
     torch_loader = create_train_loader(
-        index, train_tf, args, batches="anchor", num_replicas=1, rank=0, pin_memory=False
+        index, train_tf, args, batches="anchor", num_replicas=1, rank=0, preps=preps, pin_memory=False
     )
     dali_loader, _ = dali.create_dali_loaders(dali_args("anchor", 3), index, None, DATA_CONFIG, Context(CPU))
     for epoch in (0, 4):

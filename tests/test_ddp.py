@@ -15,7 +15,7 @@ from conftest import PLAIN_RECIPE, make_image_folder
 from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import parse_args
 from timm_cskd.data import build_index
-from timm_cskd.data.loader import build_transforms, create_val_loader
+from timm_cskd.data.loader import build_transforms, build_val_prep, create_val_loader
 from timm_cskd.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +68,14 @@ def test_two_ranks_train_identically_and_validate_each_image_once(tmp_path, mode
     data_config = load_checkpoint_file(run_dir / "last.pth.tar")["data_config"]
     _, val_tf = build_transforms(parse_args(args), data_config)
     loader = create_val_loader(
-        build_index(data / "val"), val_tf, 8, num_replicas=1, rank=0, workers=0, pin_memory=False
+        build_index(data / "val"),
+        val_tf,
+        8,
+        num_replicas=1,
+        rank=0,
+        workers=0,
+        prep=build_val_prep(data_config, "cpu"),
+        pin_memory=False,
     )
     single = evaluate(model, loader, torch.device("cpu")).meter.compute()
     for key in ("top1_err", "top5_err", "nll", "ece", "brier", "num_samples"):

@@ -6,7 +6,7 @@ from conftest import make_image_folder
 
 from timm_cskd.config import parse_args
 from timm_cskd.data import build_index
-from timm_cskd.data.loader import build_transforms, create_train_loader
+from timm_cskd.data.loader import build_device_preps, build_transforms, create_train_loader
 
 DATA_CONFIG = {
     "input_size": (3, 16, 16),
@@ -25,8 +25,16 @@ def folder(tmp_path_factory):
 def loader_for(folder, *flags):
     args = parse_args(["--data-dir", str(folder), "-b", "3", "--seed", "3", "--color-jitter", "0.4", *flags])
     train_tf, _ = build_transforms(args, DATA_CONFIG)
+    preps = build_device_preps(args, DATA_CONFIG, None, "cpu")
     return create_train_loader(
-        build_index(folder), train_tf, args, batches="anchor", num_replicas=1, rank=0, pin_memory=False
+        build_index(folder),
+        train_tf,
+        args,
+        batches="anchor",
+        num_replicas=1,
+        rank=0,
+        preps=preps,
+        pin_memory=False,
     )
 
 
@@ -35,9 +43,17 @@ def epoch(loader, number):
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
-@pytest.mark.parametrize("mode", ["anchor", "off-plain"])
+MODES = {
+    "anchor": ["--cskd-mode", "anchor"],
+    "off-plain": ["--cskd-mode", "off", "--plain-sampler"],
+    # Random erasing on the device, seeded from each sample's plan seed.
+    "anchor-erasing": ["--cskd-mode", "anchor", "--reprob", "0.5", "--remode", "pixel"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_batches_do_not_depend_on_workers_or_resume(folder, mode):
-    flags = ["--cskd-mode", "anchor"] if mode == "anchor" else ["--cskd-mode", "off", "--plain-sampler"]
+    flags = MODES[mode]
     single = epoch(loader_for(folder, "-j", "0", *flags), 1)
     workers = epoch(loader_for(folder, "-j", "2", *flags), 1)
     assert len(single) == len(workers) > 2

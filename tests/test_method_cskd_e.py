@@ -195,8 +195,12 @@ def test_loader_gives_a_strong_and_a_standard_view_of_the_same_image(data_dir, t
                 pixels = np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32)
             plain = (torch.from_numpy(pixels).permute(2, 0, 1) / 255 - mean) / std
             torch.testing.assert_close(standard[j], plain, rtol=0, atol=1e-5)
-            expected = _replay(trainer.train_loader.dataset.transform, path, seed)
-            assert torch.equal(strong[j], expected[0]) and torch.equal(standard[j], expected[1])
+            # The workers' uint8 views, finished on the device as ToTensor + Normalize would have.
+            expected = [
+                (v / 255 - mean) / std for v in _replay(trainer.train_loader.dataset.transform, path, seed)
+            ]
+            torch.testing.assert_close(strong[j], expected[0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(standard[j], expected[1], rtol=0, atol=1e-6)
             differ += not torch.allclose(strong[j], standard[j], atol=1e-3)
             total += 1
     # Each augmentation op applies with some probability (RandAugment: 2 ops at 0.5): most images change.

@@ -21,7 +21,7 @@ from test_train import assert_loss_falls_and_adds_up, killed_and_resumed_run, ti
 from timm_cskd.checkpoint import load_checkpoint_file
 from timm_cskd.config import parse_args
 from timm_cskd.data import build_index
-from timm_cskd.data.loader import build_transforms, create_train_loader
+from timm_cskd.data.loader import build_device_preps, build_transforms, create_train_loader
 from timm_cskd.methods import method_hparams
 from timm_cskd.methods.ddgsd import DDGSD
 from timm_cskd.train import run
@@ -108,9 +108,10 @@ def loader_for(data_dir, out):
         "crop_pct": 1.0,
     }
     train_tf, _ = build_transforms(args, data_config, DDGSD.views({}))
+    preps = build_device_preps(args, data_config, DDGSD.views({}), "cpu")
     index = build_index(data_dir / "train")
     loader = create_train_loader(
-        index, train_tf, args, batches="plain", num_replicas=1, rank=0, pin_memory=False
+        index, train_tf, args, batches="plain", num_replicas=1, rank=0, preps=preps, pin_memory=False
     )
     return loader, index
 
@@ -122,10 +123,11 @@ def test_the_real_loader_gives_two_different_views_of_each_image(data_dir, tmp_p
     assert view_a.shape == view_b.shape == (8, 3, 32, 32)
     # Each pair shows one image: the labels of the planned images, the dataset's own item for (index, seed).
     torch.testing.assert_close(target, torch.as_tensor(index.labels[[i for i, _ in planned]]))
+    prep_a, prep_b = loader.preps
     for j, item in enumerate(planned):
-        (a, b), label = loader.dataset[item]
+        (a, b), label, _ = loader.dataset[item]
         assert label == target[j]
-        assert torch.equal(a, view_a[j]) and torch.equal(b, view_b[j])
+        assert torch.equal(prep_a(a[None])[0], view_a[j]) and torch.equal(prep_b(b[None])[0], view_b[j])
     # Two independent draws of the random crop and flip: no image gets the same view twice.
     for j in range(8):
         assert not torch.equal(view_a[j], view_b[j]), f"image {j}: the two views are identical"

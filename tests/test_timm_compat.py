@@ -10,6 +10,7 @@ import timm
 import torch
 from conftest import PLAIN_RECIPE, make_image_folder, make_tiny_dataset
 from timm.data import create_transform
+from timm.data.random_erasing import RandomErasing
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
@@ -143,16 +144,21 @@ def test_timms_own_args_yaml_runs_unchanged_and_builds_what_timm_builds(data_dir
         theirs_scheduler.step_update(update)
         assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(timm_optimizer.param_groups[0]["lr"])
 
-    # The training transform: timm's create_transform with create_loader's arguments (no prefetcher).
+    # The training transform: timm's create_transform with create_loader's arguments (its prefetcher
+    # path: uint8 out), random erasing with them on the device as timm's PrefetchLoader erases.
     timm_transform = create_transform(
         input_size=trainer.data_config["input_size"], is_training=True, no_aug=False, scale=args.scale,
         ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
         auto_augment=args.aa, interpolation=args.train_interpolation, mean=trainer.data_config["mean"],
         std=trainer.data_config["std"], re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        use_prefetcher=True,
     )  # fmt: skip
     ours_transform = trainer.train_loader.dataset.transform
     assert repr(ours_transform) == repr(timm_transform)
-    assert "RandAugment" in repr(ours_transform) and "RandomErasing" in repr(ours_transform)
+    assert "RandAugment" in repr(ours_transform)
+    (erasing,) = [prep.erasing for prep in trainer.train_loader.preps]
+    timm_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device="cpu")
+    assert erasing is not None and vars(erasing) == vars(timm_erasing) | {"device": torch.device("cpu")}
     assert trainer.task.has_ema() and trainer.task.get_trainable_module(ema=True).use_warmup
     assert trainer.mixup_fn is not None and trainer.mixup_fn.label_smoothing == 0.1
     trainer.close()

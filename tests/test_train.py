@@ -129,7 +129,8 @@ def _wait_for(path, proc, timeout=120):
 
 
 # Loader workers included: augmentation seeds come from the plan position, not a worker's RNG stream.
-EXACT = ["--mixup", "0.4", "--epochs", "2", "--checkpoint-interval", "2", "-j", "2"]
+# Random erasing (on the device, seeded per sample) included.
+EXACT = ["--mixup", "0.4", "--reprob", "0.5", "--epochs", "2", "--checkpoint-interval", "2", "-j", "2"]
 
 
 def uninterrupted_run(data_dir, out, flags) -> dict:

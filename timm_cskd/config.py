@@ -393,12 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
         "-j", "--workers", type=int, default=4, help="data loading processes (threads for DALI) per rank"
     )
     refused(g, "--save-images", action="store_true", default=False)
-    g.add_argument("--pin-mem", action="store_true", default=False)
+    g.add_argument(
+        "--pin-mem", action="store_true", default=False, help="pin loader batches (on CUDA by default)"
+    )
+    g.add_argument(
+        "--no-pin-mem",
+        action="store_true",
+        default=False,
+        help="(timm-cskd) do not pin loader batches on CUDA",
+    )
     g.add_argument(
         "--no-prefetcher",
         action="store_true",
         default=False,
-        help="accepted: normalisation happens in the loader, there is no timm prefetcher",
+        help="accepted, no effect: the torch loader always ships uint8 and normalises on the device",
     )
     g.add_argument("--output", default="", help="root folder of experiments (default: output/train)")
     g.add_argument("--experiment", default="", help="sub-folder name (default: date-model-method-size)")

@@ -32,7 +32,7 @@ from timm_cskd.calibration import T_MAX, T_MIN, fit_temperature, temperature_sca
 from timm_cskd.checkpoint import CheckpointError, load_model
 from timm_cskd.config import ConfigError
 from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex, build_index, find_split
-from timm_cskd.data.loader import build_val_transform, create_val_loader
+from timm_cskd.data.loader import build_val_prep, build_val_transform, create_val_loader
 from timm_cskd.distributed import setup_context
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
 from timm_cskd.reliability import bins_to_dict, plot_reliability
@@ -287,6 +287,7 @@ def run(args) -> dict:
         )
         _check_held_out(calib_source, calib_index, source, index)
     transform = build_val_transform(data_config)
+    prep = build_val_prep(data_config, ctx.device, args.channels_last)
 
     def loader(split: ImageIndex):
         return create_val_loader(
@@ -296,6 +297,7 @@ def run(args) -> dict:
             num_replicas=ctx.world_size,
             rank=ctx.rank,
             workers=args.workers,
+            prep=prep,
             pin_memory=ctx.device.type == "cuda",
         )
 

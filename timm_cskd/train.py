@@ -25,7 +25,15 @@ from timm_cskd import build
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import ConfigError, dump_args, parse_args
 from timm_cskd.data.index import DataIndexError
-from timm_cskd.data.loader import SeededBatches, build_transforms, create_train_loader, create_val_loader
+from timm_cskd.data.loader import (
+    SeededBatches,
+    build_device_preps,
+    build_transforms,
+    build_val_prep,
+    create_train_loader,
+    create_val_loader,
+    resolve_pin_memory,
+)
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
 from timm_cskd.experiment import load_indices, open_experiment, seed_everything, setup_logging, validate_args
@@ -137,6 +145,8 @@ class Trainer:
                 args, self.train_index, self.val_index, self.data_config, ctx, batches, len(views)
             )
         else:
+            # uint8 from the workers, normalised and erased on the device (DALI's come out normalised).
+            pin_memory = resolve_pin_memory(args, ctx.device)
             self.train_loader = create_train_loader(
                 self.train_index,
                 train_tf,
@@ -144,7 +154,8 @@ class Trainer:
                 batches=batches,
                 num_replicas=ctx.world_size,
                 rank=ctx.rank,
-                pin_memory=args.pin_mem,
+                preps=build_device_preps(args, self.data_config, views, ctx.device),
+                pin_memory=pin_memory,
             )
             self.val_loader = None
             if self.val_index is not None:
@@ -155,7 +166,8 @@ class Trainer:
                     num_replicas=ctx.world_size,
                     rank=ctx.rank,
                     workers=args.workers,
-                    pin_memory=args.pin_mem,
+                    prep=build_val_prep(self.data_config, ctx.device, args.channels_last),
+                    pin_memory=pin_memory,
                 )
         # The plan sampler itself (the torch loader wraps it to seed each sample's augmentation).
         batch_sampler = self.train_loader.batch_sampler
@@ -409,6 +421,7 @@ class Trainer:
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
         def to_device(x):
+            # A no-op for the torch backend's batches, which arrive finished on the device.
             return x.to(ctx.device, non_blocking=True).contiguous(memory_format=memory_format)
 
         # A method with several augmented views per image gets a list of view batches.

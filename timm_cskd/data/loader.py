@@ -2,7 +2,8 @@
 
 Training batches come from ``ClassPairSampler`` (first half, then same-class partners) or, for a plain
 cross-entropy baseline, from a resumable ``ShuffledBatchSampler``. Validation shards the images over ranks
-without padding, so every image counts exactly once.
+without padding, so every image counts exactly once. The workers ship uint8 images (timm's transforms as
+its prefetcher path builds them); the loaders finish them on the device (``timm_cskd.data.device_prep``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from timm_cskd.config import ConfigError
+from timm_cskd.data.device_prep import DeviceLoader, DevicePrep
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.data.workers import become_worker, stop_signal_blocked
 from timm_cskd.run_lock import close_inherited
@@ -26,13 +29,16 @@ from timm_cskd.sampler import ClassPairSampler, ShuffledBatchSampler
 __all__ = [
     "ImageIndexDataset",
     "SeededBatches",
+    "build_device_preps",
     "build_transforms",
+    "build_val_prep",
     "build_val_transform",
     "train_transform_kwargs",
     "create_batch_sampler",
     "create_train_loader",
     "create_val_loader",
     "init_loader_worker",
+    "resolve_pin_memory",
     "SignalSafeDataLoader",
 ]
 
@@ -44,7 +50,8 @@ class ImageIndexDataset(Dataset):
 
     A file that fails to decode is logged once, counted in ``failures``, and replaced by the next
     classmate that decodes, so a 90-epoch run never dies on one bad file and pairs stay same-class.
-    ``transform`` may be a list: each item is then a tuple of independently augmented views.
+    ``transform`` may be a list: each item is then a tuple of independently augmented views. A seeded
+    item ``(index, seed)`` returns its seed third, for the random erasing done on the device.
     """
 
     def __init__(self, index: ImageIndex, transform=None):
@@ -89,11 +96,11 @@ class ImageIndexDataset(Dataset):
                 i = self._replacement(i)
         if isinstance(self.transform, list | tuple):
             with _seeded(seed):
-                return tuple(transform(img) for transform in self.transform), target
-        if self.transform is not None:
+                img = tuple(transform(img) for transform in self.transform)
+        elif self.transform is not None:
             with _seeded(seed):
                 img = self.transform(img)
-        return img, target
+        return (img, target) if seed is None else (img, target, seed)
 
 
 @contextlib.contextmanager
@@ -143,6 +150,7 @@ class SeededBatches(torch.utils.data.Sampler[list[tuple[int, int]]]):
         self.batch_sampler.load_state_dict(state)
 
     def __iter__(self):
+        # Sample seeds stay below 2**63 (int64 in a collated batch): base < 2**32, slot < 4096.
         epoch, start = self.batch_sampler.epoch, self.batch_sampler.position
         for b, batch in enumerate(self.batch_sampler, start):
             base = int(
@@ -173,7 +181,8 @@ class SignalSafeDataLoader(DataLoader):
 
 def train_transform_kwargs(args, data_config: dict) -> dict:
     """``create_transform``'s training arguments from timm train.py's flags, as timm's ``create_loader``
-    passes them (normalising in the transform: this loader has no prefetcher)."""
+    passes them without its prefetcher (a float transform that normalises and erases); the loaders here
+    build it with ``use_prefetcher=True`` (uint8) and do the rest on the device."""
     interpolation = args.train_interpolation
     if args.no_aug or not interpolation:
         interpolation = data_config["interpolation"]
@@ -202,13 +211,15 @@ def train_transform_kwargs(args, data_config: dict) -> dict:
 
 
 def build_transforms(args, data_config: dict, views: list[dict] | None = None):
-    """timm transforms: random-resized-crop + flip for training, resize + centre crop for validation.
+    """timm transforms to uint8 CHW tensors: random-resized-crop + flip for training, resize + centre crop
+    for validation (normalisation and random erasing follow on the device: ``build_device_preps``).
 
     ``views`` (a method's declaration) gives one dict of ``create_transform`` overrides per augmented
     view; with more than one the training transform is a list, one per view."""
 
     def train_transform(**overrides):
-        return create_transform(**{**train_transform_kwargs(args, data_config), **overrides})
+        kwargs = {**train_transform_kwargs(args, data_config), **overrides}
+        return create_transform(**kwargs, use_prefetcher=True)
 
     views = views or [{}]
     train = train_transform(**views[0]) if len(views) == 1 else [train_transform(**v) for v in views]
@@ -216,15 +227,47 @@ def build_transforms(args, data_config: dict, views: list[dict] | None = None):
 
 
 def build_val_transform(data_config: dict):
-    """Resize by ``crop_pct`` then centre-crop, as timm validates."""
+    """Resize by ``crop_pct`` then centre-crop, as timm validates (to uint8: see ``build_val_prep``)."""
     return create_transform(
         input_size=data_config["input_size"],
         is_training=False,
         interpolation=data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
         crop_pct=data_config["crop_pct"],
+        use_prefetcher=True,
     )
+
+
+def build_device_preps(args, data_config: dict, views: list[dict] | None, device) -> list[DevicePrep]:
+    """The device half of each training view's transform: normalisation, --channels-last, and random
+    erasing (--reprob, --remode, --recount, a view's overrides included; none with --no-aug, as timm's
+    ``create_loader`` leaves its prefetcher's out)."""
+    preps = []
+    for overrides in views or [{}]:
+        kwargs = {**train_transform_kwargs(args, data_config), **overrides}
+        preps.append(
+            DevicePrep(
+                data_config["mean"],
+                data_config["std"],
+                device,
+                channels_last=args.channels_last,
+                re_prob=0.0 if kwargs["no_aug"] else kwargs["re_prob"],
+                re_mode=kwargs["re_mode"],
+                re_count=kwargs["re_count"],
+            )
+        )
+    return preps
+
+
+def build_val_prep(data_config: dict, device, channels_last: bool = False) -> DevicePrep:
+    return DevicePrep(data_config["mean"], data_config["std"], device, channels_last=channels_last)
+
+
+def resolve_pin_memory(args, device) -> bool:
+    """Pinned batches on CUDA unless --no-pin-mem (a non-blocking copy from pageable memory blocks the
+    host); elsewhere only with --pin-mem. timm's args.yaml always says ``pin_mem: false``, its default."""
+    if args.pin_mem and args.no_pin_mem:
+        raise ConfigError("--pin-mem and --no-pin-mem contradict each other: pass one")
+    return args.pin_mem or (not args.no_pin_mem and torch.device(device).type == "cuda")
 
 
 def create_batch_sampler(
@@ -247,8 +290,17 @@ def create_batch_sampler(
 
 
 def create_train_loader(
-    index: ImageIndex, transform, args, *, batches: str, num_replicas: int, rank: int, pin_memory: bool
-):
+    index: ImageIndex,
+    transform,
+    args,
+    *,
+    batches: str,
+    num_replicas: int,
+    rank: int,
+    preps: list[DevicePrep],
+    pin_memory: bool,
+) -> DeviceLoader:
+    """This rank's training batches, finished on the preps' device (one prep per view)."""
     dataset = ImageIndexDataset(index, transform)
     batch_sampler = create_batch_sampler(
         index,
@@ -259,7 +311,7 @@ def create_train_loader(
         seed=args.seed,
         repeats=args.aug_repeats,
     )
-    return SignalSafeDataLoader(
+    loader = SignalSafeDataLoader(
         dataset,
         batch_sampler=SeededBatches(batch_sampler, args.seed, rank),
         num_workers=args.workers,
@@ -270,6 +322,7 @@ def create_train_loader(
         # timm's --use-multi-epochs-loader: workers kept across epochs (augmentation is seeded per sample).
         persistent_workers=args.use_multi_epochs_loader and args.workers > 0,
     )
+    return DeviceLoader(loader, preps, preps[0].device)
 
 
 def create_val_loader(
@@ -280,13 +333,15 @@ def create_val_loader(
     num_replicas: int,
     rank: int,
     workers: int,
+    prep: DevicePrep,
     pin_memory: bool,
-):
-    """This rank's contiguous-stride share of the validation images, unpadded."""
+) -> DeviceLoader:
+    """This rank's contiguous-stride share of the validation images, unpadded, finished on the prep's
+    device."""
     dataset = torch.utils.data.Subset(
         ImageIndexDataset(index, transform), range(rank, len(index), num_replicas)
     )
-    return SignalSafeDataLoader(
+    loader = SignalSafeDataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
@@ -294,3 +349,4 @@ def create_val_loader(
         pin_memory=pin_memory,
         worker_init_fn=init_loader_worker,
     )
+    return DeviceLoader(loader, [prep], prep.device)
