@@ -287,7 +287,10 @@ ROWS = [
                                                            write("{tmp}/e/reliability.json", "[1, 2]")(env))),
     Row("compare-names-count", "compare", ["{tmp}", "--names", "a", "b"], "2 names for 1 runs"),
     Row("figures-names-count", "figures", ["{tmp}", "--names", "a", "b"], "2 --names for 1 runs"),
+    Row("figures-no-predictions", "figures", ["{tmp}/missing", "--output", "{tmp}/f"], "predictions.npz not found"),
     # --- study: refused at plan time, also with --dry-run
+    Row("study-seeds-repeated", "study", ["--data-dir", "{data}", "--methods", "ce", "--seeds", "1", "1",
+        "--output", "{tmp}/s", "--dry-run"], "seeds must be distinct"),
     Row("study-temperature-0", "study", ["--data-dir", "{data}", "--methods", "cskd:temperature=0", "--output",
         "{tmp}/s", "--dry-run"], "temperature=0.0 for method 'cskd': must be > 0"),
     Row("study-lambda-negative-sweep", "study", ["--data-dir", "{data}", "--sweep", "cskd", "lambda=1,-1",

@@ -301,17 +301,6 @@ def check_args(args) -> None:
 def run(args) -> dict:
     check_args(args)
     ctx = setup_context(args)
-    # The output folder first: an evaluation of hours must not end unable to write its results.
-    out, error = (
-        Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split),
-        None,
-    )
-    if ctx.primary:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            error = ConfigError(f"--output {out}: cannot create it ({e.strerror or e})")
-    ctx.fail_together(error)
     logging.basicConfig(level=logging.INFO if ctx.primary else logging.WARNING, format="%(message)s")
     loaded = load_model(args.checkpoint, args.model, ema=args.ema)
     model = loaded.model.to(ctx.device)
@@ -332,6 +321,15 @@ def run(args) -> dict:
             args.data_dir, args.calib_split, [args.calib_split], loaded.class_names, model.num_classes
         )
         _check_held_out(calib_source, calib_index, source, index)
+    # Once the inputs are checked, before the evaluation: hours of it must not end unable to write.
+    out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split)
+    error = None
+    if ctx.primary:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = ConfigError(f"--output {out}: cannot create it ({e.strerror or e})")
+    ctx.fail_together(error)
     transform = build_val_transform(data_config)
 
     def loader(split: ImageIndex):
