@@ -57,6 +57,8 @@ def test_list_file(tmp_path, image_folder):
 
 def test_list_file_with_spaces_in_path(tmp_path):
     lst = tmp_path / "l.txt"
+    (tmp_path / "dir with space").mkdir()
+    (tmp_path / "dir with space" / "a b.jpg").write_bytes(b"")
     lst.write_text("dir with space/a b.jpg 1\n")
     assert read_list_file(lst).paths == ["dir with space/a b.jpg"]
 

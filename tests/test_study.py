@@ -233,7 +233,8 @@ def _table_rows(markdown: str, dataset: str) -> dict[str, dict[str, str]]:
 def test_grid_end_to_end_resume_skip_and_failure(tmp_path, data_dir, capsys):
     from timm_cskd.train import main as train_main
 
-    broken = {"name": "cskd", "label": "broken", "kwargs": {"temperature": -1}}  # the trainer rejects T <= 0
+    # Passes the plan (a valid count) but not the trainer: test_resnet has too few stages for 50 heads.
+    broken = {"name": "byot", "label": "broken", "kwargs": {"heads": 50}}
     study = grid(
         tmp_path, data_dir, methods=[broken, "ce", {"name": "cskd", "label": "CS-KD"}], baseline="ce"
     )
@@ -258,10 +259,10 @@ def test_grid_end_to_end_resume_skip_and_failure(tmp_path, data_dir, capsys):
     failed = next(c for c in study.cells if c.row.label == "broken")
     record = json.loads((failed.dir / "cell.json").read_text())
     assert record["status"] == "failed" and record["stage"] == "train" and record["exit_code"] != 0
-    assert any("temperature must be > 0" in line for line in record["log_tail"])
+    assert any("--method byot heads=50: the model has" in line for line in record["log_tail"])
     assert (
         f"train failed with exit code {record['exit_code']}" in printed
-        and "| ValueError: temperature must be > 0" in printed
+        and "| error: --method byot heads=50" in printed
     )
 
     # The interrupted cell resumed from its checkpoint: its first epoch was not trained again.

@@ -72,15 +72,26 @@ def create_model(args, num_classes: int) -> nn.Module:
             **factory_kwargs,
             **args.model_kwargs,
         )
-    except (RuntimeError, OSError, TypeError) as e:
-        source = (
-            args.initial_checkpoint
-            or args.pretrained_path
-            or ("pretrained weights" if args.pretrained else "")
+    except Exception as e:  # timm and torch.load raise RuntimeError, OSError, KeyError, UnpicklingError...
+        flag, source = next(
+            (
+                (f, v)
+                for f, v in (
+                    ("--initial-checkpoint", args.initial_checkpoint),
+                    ("--pretrained-path", args.pretrained_path),
+                )
+                if v
+            ),
+            ("--pretrained", "timm's pretrained weights") if args.pretrained else (None, None),
         )
-        raise ConfigError(
-            f"cannot create --model {args.model} {('from ' + source) if source else ''}: {e}"
-        ) from e
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        where = f" from {flag} {source}" if flag else ""
+        hint = (
+            " (is it a PyTorch checkpoint or state_dict?)"
+            if isinstance(e, KeyError | EOFError) or "pickle" in reason.lower()
+            else ""
+        )
+        raise ConfigError(f"cannot create --model {args.model}{where}: {reason}{hint}") from e
     classifier = model.get_classifier()
     with torch.no_grad():
         if args.head_init_scale is not None:

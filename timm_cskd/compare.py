@@ -69,9 +69,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: {metrics_file} not found (run python -m timm_cskd.evaluate first)", file=sys.stderr
             )
             return 2
-        runs[name] = json.loads(metrics_file.read_text())
-        if (folder / "reliability.json").is_file():
-            bins[name] = load_bins(folder / "reliability.json")
+        try:
+            runs[name] = json.loads(metrics_file.read_text(encoding="utf-8"))
+            if not isinstance(runs[name], dict):
+                raise ValueError(f"a {type(runs[name]).__name__}, not a mapping of metrics")
+            numbers = [runs[name].get(key) for key, _, _ in COLUMNS]
+            if not all(v is None or isinstance(v, int | float) for v in numbers):
+                raise ValueError("its metrics are not numbers")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            print(
+                f"error: {metrics_file} is not a readable timm_cskd.evaluate metrics.json ({e})",
+                file=sys.stderr,
+            )
+            return 2
+        reliability = folder / "reliability.json"
+        if reliability.is_file():
+            try:
+                bins[name] = load_bins(reliability)
+                if not isinstance(bins[name], dict) or not {"count", "conf_sum", "correct_sum"} <= set(
+                    bins[name]
+                ):
+                    raise ValueError("expected the bins' count, conf_sum and correct_sum")
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+                print(f"error: {reliability} is not a readable reliability.json ({e})", file=sys.stderr)
+                return 2
     print(compare_table(runs))
     if bins:
         plot_reliability_overlay(bins, args.output)

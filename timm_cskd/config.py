@@ -69,6 +69,9 @@ REFUSED = {
 }  # fmt: skip
 
 
+# timm's default --val-split; when it (or a synonym) is missing the run trains without validation.
+DEFAULT_VAL_SPLIT = "validation"
+
 # timm's names for the folder dataset this trainer reads.
 FOLDER_DATASETS = ("", "folder", "imagefolder")
 
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-split", default="train", help="folder or list file under --data-dir")
     g.add_argument(
         "--val-split",
-        default="validation",
+        default=DEFAULT_VAL_SPLIT,
         help="folder or list file under --data-dir; validation also finds val, valid, eval, evaluation (timm's synonyms)",
     )
     refused(g, "--train-num-samples", type=int, default=None)
@@ -560,8 +563,15 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML: {getattr(e, 'problem', None) or e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
     valid = _valid_keys(parser)
@@ -569,16 +579,17 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
     for key, value in raw.items():
         dest = str(key).replace("-", "_")
         if dest not in valid:
-            close = difflib.get_close_matches(dest, list(valid), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            close = KEY_SYNONYMS.get(dest) or next(
+                iter(difflib.get_close_matches(dest, list(valid), n=1, cutoff=0.5)), None
+            )
+            hint = f"; did you mean '{close}'?" if close else ""
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
         action = valid[dest]
         if isinstance(action, ParseKwargs) and isinstance(value, list):
             namespace = argparse.Namespace()
             action(None, namespace, [str(v) for v in value])
             value = getattr(namespace, dest)
-        if action.type is not None and value is not None and not isinstance(value, list | tuple):
-            value = action.type(value)
+        value = _typed(path, key, action, value)
         if (
             action.choices is not None
             and value not in action.choices
@@ -590,6 +601,56 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
             )
         values[dest] = value
     return values
+
+
+# Other trainers' names for timm's keys, which string similarity alone does not find.
+KEY_SYNONYMS = {
+    "learning_rate": "lr",
+    "base_lr": "lr_base",
+    "optimizer": "opt",
+    "optim": "opt",
+    "scheduler": "sched",
+    "lr_scheduler": "sched",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "arch": "model",
+    "data_path": "data_dir",
+    "dataset_dir": "data_dir",
+    "num_workers": "workers",
+    "label_smoothing": "smoothing",
+    "wd": "weight_decay",
+}
+
+
+def _typed(path, key, action: argparse.Action, value):
+    """A YAML value as its flag takes it: the flag's type for each element, a list only where the flag
+    takes several values, a boolean for an on/off flag."""
+    if value is None or isinstance(action, ParseKwargs):
+        return value
+    takes_many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if isinstance(value, list | tuple) and not takes_many:
+        raise ConfigError(f"{path}: {key}: expected one value, got the list {list(value)}")
+    if isinstance(
+        action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction
+    ):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key}: expected true or false, got {value!r}")
+        return value
+    if action.type is None:
+        return value
+    kind = getattr(action.type, "__name__", str(action.type))
+    try:
+        if isinstance(value, list | tuple):
+            return [action.type(v) for v in value]
+        if isinstance(value, bool) and action.type in (int, float):
+            raise ValueError("a boolean")
+        if action.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
+        return action.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{path}: {key}: expected {'numbers' if takes_many else 'a number'} ({kind}), got {value!r}"
+        ) from None
 
 
 def parse_args(

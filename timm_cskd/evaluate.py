@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from timm_cskd.config import ConfigError
 from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex, build_index, find_split
 from timm_cskd.data.loader import build_val_prep, build_val_transform, create_val_loader
 from timm_cskd.distributed import setup_context
+from timm_cskd.flag_checks import check_device
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
 from timm_cskd.reliability import bins_to_dict, plot_reliability
 
@@ -253,18 +255,62 @@ def _image_files(index: ImageIndex) -> set[str]:
     return files
 
 
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _copies(files: set[str], others: set[str]) -> set[str]:
+    """The ``files`` whose bytes equal one of ``others``': only files of a size both sides have are
+    hashed, so disjoint splits cost one stat per image."""
+    sizes: dict[int, list[str]] = {}
+    for path in others:
+        sizes.setdefault(os.path.getsize(path), []).append(path)
+    candidates = [p for p in files if os.path.getsize(p) in sizes]
+    sized = {os.path.getsize(p) for p in candidates}
+    digests = {_file_digest(o) for size in sized for o in sizes[size]}
+    return {p for p in candidates if _file_digest(p) in digests}
+
+
 def _check_held_out(calib_source: Path, calib: ImageIndex, source: Path, evaluated: ImageIndex) -> None:
     """A temperature fitted on the images it is then judged on flatters NLL and ECE: refuse any overlap
-    (the same split, or a list file naming the evaluated folder's images)."""
-    shared = _image_files(calib) & _image_files(evaluated)
+    (the same split, a list file naming the evaluated folder's images, or copies of them)."""
+    calib_files, evaluated_files = _image_files(calib), _image_files(evaluated)
+    shared = calib_files & evaluated_files
+    how = "shares"
+    if not shared:
+        shared, how = _copies(calib_files, evaluated_files), "holds byte-identical copies of"
     if shared:
         raise DataIndexError(
-            f"--calib-split {calib_source} shares {len(shared)} of its {len(calib)} images with the evaluated "
+            f"--calib-split {calib_source} {how} {len(shared)} of its {len(calib)} images with the evaluated "
             f"split {source} (e.g. {min(shared)}): the temperature must be fitted on held-out images"
         )
 
 
+def check_args(args) -> None:
+    """The values alone, before any model or image is loaded."""
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--workers", args.workers, 0),
+        ("--img-size", args.img_size, 1),
+        ("--ece-bins", args.ece_bins, 1),
+        ("--recall-chunk", args.recall_chunk, 1),
+    ):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: must be >= {low}")
+    if args.crop_pct is not None and not args.crop_pct > 0:
+        raise ConfigError(f"--crop-pct {args.crop_pct}: must be > 0")
+    check_device(args.device)
+    if not Path(args.data_dir).is_dir():
+        raise DataIndexError(f"--data-dir {args.data_dir} does not exist or is not a folder")
+    if not Path(args.checkpoint).exists():
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: checkpoint not found")
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is an existing file: evaluate writes a folder")
+
+
 def run(args) -> dict:
+    check_args(args)
     ctx = setup_context(args)
     logging.basicConfig(level=logging.INFO if ctx.primary else logging.WARNING, format="%(message)s")
     loaded = load_model(args.checkpoint, args.model, ema=args.ema)
@@ -286,6 +332,15 @@ def run(args) -> dict:
             args.data_dir, args.calib_split, [args.calib_split], loaded.class_names, model.num_classes
         )
         _check_held_out(calib_source, calib_index, source, index)
+    # Once the inputs are checked, before the evaluation: hours of it must not end unable to write.
+    out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split)
+    error = None
+    if ctx.primary:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = ConfigError(f"--output {out}: cannot create it ({e.strerror or e})")
+    ctx.fail_together(error)
     transform = build_val_transform(data_config)
     prep = build_val_prep(data_config, ctx.device, args.channels_last)
 
@@ -350,8 +405,6 @@ def run(args) -> dict:
                 metrics["conf_gap_ts"],
             )
         metrics["recall_at_1"] = recall_at_1(result, args.recall_chunk)
-        out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split)
-        out.mkdir(parents=True, exist_ok=True)
         metrics["checkpoint"] = loaded.source
         metrics["ema"] = args.ema
         bins = bins_to_dict(*result.meter.bins())

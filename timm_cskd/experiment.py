@@ -15,14 +15,23 @@ import numpy as np
 import torch
 
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import ConfigError, refused_settings
+from timm_cskd.config import DEFAULT_VAL_SPLIT, ConfigError, refused_settings
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context
+from timm_cskd.flag_checks import check_flag_values
 from timm_cskd.methods import Method, kd_config, resolve_method
 from timm_cskd.run_lock import RunLock, RunLockedError
 
-__all__ = ["load_indices", "open_experiment", "seed_everything", "setup_logging", "validate_args"]
+__all__ = [
+    "load_indices",
+    "open_experiment",
+    "remove_previous_run",
+    "seed_everything",
+    "setup_logging",
+    "validate_args",
+    "warn_single_image_classes",
+]
 
 _logger = logging.getLogger("timm_cskd.train")
 
@@ -70,26 +79,42 @@ def open_experiment(args, ctx: Context) -> tuple[Path, RunLock | None]:
             folder.mkdir(parents=True, exist_ok=True)
             lock = RunLock(folder)
             lock.acquire()
-            previous = [
-                folder / f
-                for f in (ckpt.LAST, ckpt.PREVIOUS, ckpt.BEST, "summary.csv")
-                if (folder / f).exists()
-            ]
-            if previous and not args.resume:
-                if not args.overwrite:
-                    raise ConfigError(
-                        f"{folder} already holds a training run: pass --resume auto to continue it, --overwrite "
-                        "to start it over (its checkpoints and summary are deleted), or another --experiment"
-                    )
-                for path in previous:
-                    path.unlink()
+            if previous_run(folder) and not args.resume and not args.overwrite:
+                raise ConfigError(
+                    f"{folder} already holds a training run: pass --resume auto to continue it, --overwrite "
+                    "to start it over (its checkpoints and summary are deleted), or another --experiment"
+                )
         except (ConfigError, RunLockedError, OSError) as e:
             if lock is not None:
                 lock.release()
                 lock = None
+            if isinstance(e, OSError):
+                e = ConfigError(
+                    f"--output {args.output or 'output/train'}: cannot write {folder} ({e.strerror or e})"
+                )
             error = e
     ctx.fail_together(error)
     return folder, lock
+
+
+def previous_run(folder: Path) -> list[Path]:
+    """The files of a run that an --overwrite replaces: its checkpoints, summary and status."""
+    names = (ckpt.LAST, ckpt.PREVIOUS, ckpt.BEST, "summary.csv", "status.json")
+    found = [folder / name for name in names if (folder / name).exists()]
+    return found + sorted(folder.glob("checkpoint-*.pth.tar"))
+
+
+def remove_previous_run(args, ctx: Context, folder: Path) -> None:
+    """--overwrite: rank 0 deletes the old run's files, called only once the new run is fully built and
+    about to write its first file, so a run that fails its checks destroys nothing."""
+    error = None
+    if ctx.primary and args.overwrite and not args.resume:
+        try:
+            for path in previous_run(folder):
+                path.unlink()
+        except OSError as e:
+            error = ConfigError(f"--overwrite: cannot delete the previous run's {e.filename}: {e.strerror}")
+    ctx.fail_together(error)
 
 
 def resolve_data_dir(args, ctx: Context) -> Path:
@@ -123,11 +148,22 @@ def load_indices(args, ctx: Context, out_dir: Path):
     if train_path is None:
         raise DataIndexError(f"no '{args.train_split}' folder or list file in {data_dir}")
     val_path = find_split(data_dir, [args.val_split]) if args.val_split else None  # '': no validation
+    if args.val_split and val_path is None:
+        if args.val_split != DEFAULT_VAL_SPLIT:
+            raise DataIndexError(
+                f"--val-split {args.val_split}: no '{args.val_split}' folder or list file in {data_dir}"
+            )
+        _logger.warning(
+            "no validation split (val/, validation/ or a .txt list) in %s: training without validation, "
+            "so no model_best and no eval columns (pass --val-split NAME, or --val-split '' to silence this)",
+            data_dir,
+        )
     cache_dir = out_dir / "index-cache"
     class_map = read_class_map(args.class_map) if args.class_map else None
 
     def build():
-        train = build_index(train_path, cache_dir=cache_dir)
+        train_all = build_index(train_path, cache_dir=cache_dir)
+        train = train_all
         if class_map is not None:
             train = train.with_classes(class_map)
         if args.num_classes is not None and args.num_classes != train.num_classes:
@@ -141,7 +177,13 @@ def load_indices(args, ctx: Context, out_dir: Path):
                 val_path, cache_dir=cache_dir, classes=None if val_path.is_dir() else train.classes
             )
             if val_path.is_dir():
-                val = val.with_classes(train.classes)
+                unknown = sorted(set(val.classes) - set(train_all.classes))
+                if unknown:
+                    raise DataIndexError(
+                        f"{val_path} has class folders {unknown[:5]} that the training split {train_path} "
+                        "lacks: the model could never predict them (remove them or add training images)"
+                    )
+                val = val.with_classes(train.classes, source=f"the training split {train_path}")
         return train, val
 
     # Rank 0 scans first (minutes on network storage); the other ranks then read its cache.
@@ -160,11 +202,42 @@ def load_indices(args, ctx: Context, out_dir: Path):
     ctx.fail_together(error)
     train, val = indices
     if args.exclude_list:
-        listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
+        try:
+            listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataIndexError(f"--exclude-list {args.exclude_list}: cannot read it ({e})") from e
         train, val = (None if index is None else index.without_files(listed) for index in (train, val))
+        emptied = [
+            train.classes[c]
+            for c in np.flatnonzero(np.bincount(train.labels, minlength=train.num_classes) == 0)
+        ]
+        if emptied:
+            raise DataIndexError(
+                f"--exclude-list {args.exclude_list} removes every training image of class {emptied[0]}"
+                + (f" (and {len(emptied) - 1} more)" if len(emptied) > 1 else "")
+                + ": a class without training images cannot be learnt, as an empty class folder"
+            )
         excluded = len(train.excluded) + (len(val.excluded) if val is not None else 0)
         _logger.info("excluding %d undecodable images listed in %s", excluded, args.exclude_list)
     return train, val
+
+
+def warn_single_image_classes(index, method_cls: type[Method]) -> None:
+    """A class-pair method pairs a class's only image with itself: say so once, naming the classes."""
+    if method_cls.batches == "plain":
+        return
+    single = [
+        index.classes[c] for c in np.flatnonzero(np.bincount(index.labels, minlength=index.num_classes) == 1)
+    ]
+    if single:
+        _logger.warning(
+            "%d class(es) have a single training image (%s%s): --method %s pairs each with itself, so it "
+            "gets no classmate to learn from",
+            len(single),
+            ", ".join(single[:5]),
+            ", ..." if len(single) > 5 else "",
+            method_cls.name,
+        )
 
 
 def validate_args(args) -> type[Method]:
@@ -175,6 +248,7 @@ def validate_args(args) -> type[Method]:
         raise ConfigError("timm train.py settings this trainer cannot honour: " + "; ".join(refused))
     method_cls, args.method_kwargs = resolve_method(args)
     args.method = method_cls.name
+    check_flag_values(args, method_cls.views(args.method_kwargs))
     if args.data is not None:  # timm's deprecated positional data dir
         if args.data_dir is not None and args.data_dir != args.data:
             raise ConfigError(f"two data folders: positional {args.data} and --data-dir {args.data_dir}")
@@ -183,10 +257,6 @@ def validate_args(args) -> type[Method]:
         if args.checkpoint_interval and args.checkpoint_interval != args.recovery_interval:
             raise ConfigError("--recovery-interval and --checkpoint-interval disagree: give one")
         args.checkpoint_interval = args.recovery_interval
-    if args.aug_repeats and args.aug_repeats < 1:
-        raise ConfigError(f"--aug-repeats must be 0 (off) or >= 1, got {args.aug_repeats}")
-    if args.grad_accum_steps < 1:
-        raise ConfigError(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
     mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup_on and method_cls.batches != "plain" and args.mixup_mode != "batch":
         raise ConfigError(
@@ -203,8 +273,6 @@ def validate_args(args) -> type[Method]:
             f"--bce-loss replaces the softmax cross-entropy of --method ce; --method {args.method} is defined "
             "on softmax probabilities"
         )
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if method_cls.batches == "paired" and args.batch_size % 2:
         raise ConfigError(
             f"--method {args.method} needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"
@@ -218,8 +286,4 @@ def validate_args(args) -> type[Method]:
             raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {args.batch_size}")
     if args.data_backend == "dali":
         importlib.import_module("timm_cskd.data.dali")  # raises with install instructions when missing
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.val_interval < 1:
-        raise ConfigError(f"--val-interval must be >= 1, got {args.val_interval}")
     return method_cls

@@ -14,7 +14,9 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import timm
@@ -27,6 +29,9 @@ from timm_cskd.checkpoint import CheckpointError, LoadedModel, load_model
 __all__ = ["export", "main"]
 
 WEIGHTS = "model.safetensors"
+EXPORT_FILES = {WEIGHTS, "config.json", "README.md"}
+EXPORT_TAG = "cskd"
+METRIC_KEYS = ("top1_err", "top5_err", "ece", "nll", "brier", "recall_at_1", "num_samples")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -37,7 +42,7 @@ def checkpoint_metrics(
     exactly these weights, the summary.csv row of the checkpoint's epoch (its ``ema_`` columns for --ema).
     None when no row matches (a checkpoint saved mid-epoch)."""
     if metrics_file is not None:
-        return json.loads(Path(metrics_file).read_text())
+        return read_metrics_file(metrics_file)
     summary = checkpoint.parent / "summary.csv"
     if loaded.epoch is None or not checkpoint.is_file() or not summary.is_file():
         return None
@@ -144,18 +149,13 @@ def export(
     model_name: str | None = None,
     metrics_file: str | None = None,
 ) -> Path:
+    out = Path(output)
+    check_output_folder(out)
+    if metrics_file is not None:
+        read_metrics_file(metrics_file)
     loaded = load_model(checkpoint, model_name, ema=ema)
     model = plain_timm_model(loaded).eval()
     data_config = resolve_data_config(loaded.data_config or {}, model=model)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("pytorch_model.bin", WEIGHTS, "open_clip_pytorch_model.bin"):
-        (out / stale).unlink(missing_ok=True)
-    # The architecture's default pretrained_cfg names its own weights (tag, paper): these are ours.
-    model_config = {"pretrained_cfg": {"tag": "cskd", "paper_ids": "arXiv:2003.13964"}}
-    if loaded.class_names:
-        model_config["label_names"] = list(loaded.class_names)
-    save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
     metrics = checkpoint_metrics(loaded, Path(checkpoint), ema, metrics_file)
     if metrics_file is not None:
         source = f"From `{Path(metrics_file).name}` (timm_cskd.evaluate)."
@@ -163,8 +163,87 @@ def export(
         source = f"The training run's validation after epoch {(loaded.epoch or 0) + 1}" + (
             " (EMA weights)." if ema else "."
         )
-    (out / "README.md").write_text(model_card(loaded, out.name, metrics, ema, source), encoding="utf-8")
+    # The architecture's default pretrained_cfg names its own weights (tag, paper): these are ours.
+    model_config = {"pretrained_cfg": {"tag": EXPORT_TAG, "paper_ids": "arXiv:2003.13964"}}
+    if loaded.class_names:
+        model_config["label_names"] = list(loaded.class_names)
+    # Written beside the target, then swapped in: a failure leaves the previous export as it was.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; an export is not
+    except OSError as e:
+        raise CheckpointError(f"--output {out}: cannot write there ({e.strerror})") from e
+    try:
+        save_for_hf(
+            model, str(staging), model_config=model_config, safe_serialization=True, data_config=data_config
+        )
+        (staging / "README.md").write_text(
+            model_card(loaded, out.name, metrics, ema, source), encoding="utf-8"
+        )
+        _swap_in(staging, out)
+    except OSError as e:
+        raise CheckpointError(f"--output {out}: cannot write the export ({e})") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _is_our_export(folder: Path) -> bool:
+    """A folder this tool wrote: only the files it writes, and its config.json carries our tag."""
+    names = {p.name for p in folder.iterdir()}
+    if not names <= EXPORT_FILES or "config.json" not in names:
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("pretrained_cfg") or {}).get("tag") == EXPORT_TAG
+
+
+def check_output_folder(out: Path) -> None:
+    """--output must be a new or empty folder, or an earlier export of this tool (which is replaced):
+    never a file, never a folder of the user's other files."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--output {out} is an existing file: export writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not _is_our_export(out):
+        raise CheckpointError(
+            f"--output {out} is a folder of other files (not an earlier export of this tool): "
+            "export into a new or empty folder"
+        )
+
+
+def read_metrics_file(path: str | os.PathLike) -> dict:
+    try:
+        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"--metrics {path}: not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"--metrics {path}: not a readable metrics.json ({e})") from e
+    if not isinstance(metrics, dict) or not all(
+        isinstance(v, int | float) for k, v in metrics.items() if k in METRIC_KEYS
+    ):
+        raise CheckpointError(
+            f"--metrics {path}: expected timm_cskd.evaluate's metrics.json, a mapping of numbers"
+        )
+    return metrics
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by ``staging`` with two renames (an earlier export moves aside, then goes)."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def hub_token() -> str:

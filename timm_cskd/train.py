@@ -36,7 +36,15 @@ from timm_cskd.data.loader import (
 )
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
-from timm_cskd.experiment import load_indices, open_experiment, seed_everything, setup_logging, validate_args
+from timm_cskd.experiment import (
+    load_indices,
+    open_experiment,
+    remove_previous_run,
+    seed_everything,
+    setup_logging,
+    validate_args,
+    warn_single_image_classes,
+)
 from timm_cskd.methods import describe_methods, kd_config
 from timm_cskd.run_lock import RunLockedError
 from timm_cskd.scalars import ScalarLog
@@ -129,6 +137,8 @@ class Trainer:
         seed_everything(args.seed)
 
         self.train_index, self.val_index = load_indices(args, ctx, self.out_dir)
+        if ctx.primary:
+            warn_single_image_classes(self.train_index, self.method_cls)
         num_classes = self.train_index.num_classes
         if args.num_classes is None:
             args.num_classes = num_classes
@@ -240,6 +250,7 @@ class Trainer:
         self.state = TrainState()
         if resume is not None:
             self._resume(*resume)
+        remove_previous_run(args, ctx, self.out_dir)
         if ctx.primary:
             dump_args(args, self.out_dir / "args.yaml")
 
@@ -359,9 +370,23 @@ class Trainer:
         if not args.no_resume_opt:
             self.optimizer.load_state_dict(state["optimizer"])
         elastic = self.sampler.is_elastic(state["sampler"]) or len(state["rng"]) != ctx.world_size
+        saved_epochs = state.get("args", {}).get("epochs", args.epochs)
+        if saved_epochs != args.epochs:
+            # timm's resume does the same: the schedule is created for the new length; the saved one
+            # would keep the old length (a finished cosine run would train on at its final lr, often 0).
+            _logger.info(
+                "--epochs %d differs from the %d the checkpoint was trained for: the %s schedule is rebuilt "
+                "for %d epochs and continues at epoch %d of it",
+                args.epochs,
+                saved_epochs,
+                args.sched,
+                args.epochs,
+                state["resume_epoch"] + 1,
+            )
         # The scheduler counts updates: with another rank count or batch an epoch has another number of
         # them, so it is rebuilt for this run and placed at the same epoch position below.
-        if self.scheduler is not None and state.get("scheduler") is not None and not elastic:
+        rebuilt = elastic or saved_epochs != args.epochs
+        if self.scheduler is not None and state.get("scheduler") is not None and not rebuilt:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "amp_scaler" in state and not args.no_resume_opt:
             self.scaler.load_state_dict(state["amp_scaler"])

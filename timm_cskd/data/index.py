@@ -63,11 +63,12 @@ class ImageIndex:
         relative = {os.path.relpath(os.path.abspath(f), root) for f in files}
         return self.without({p for p in relative if not p.startswith("..")})
 
-    def with_classes(self, classes: list[str]) -> ImageIndex:
-        """Only the images of ``classes``, labelled by their position there (timm's --class-map)."""
+    def with_classes(self, classes: list[str], source: str = "--class-map") -> ImageIndex:
+        """Only the images of ``classes``, labelled by their position there (timm's --class-map);
+        ``source`` says where the classes came from, for the error when this index lacks some."""
         missing = [c for c in classes if c not in self.classes]
         if missing:
-            raise DataIndexError(f"--class-map names classes {missing[:5]} that {self.root} does not have")
+            raise DataIndexError(f"{source} names classes {missing[:5]} that {self.root} does not have")
         new_label = np.full(len(self.classes), -1, dtype=np.int64)
         for i, name in enumerate(classes):
             new_label[self.classes.index(name)] = i
@@ -164,10 +165,32 @@ def read_list_file(
             labels.append(label)
     if not paths:
         raise DataIndexError(f"list file {list_file} holds no entries")
+    missing = _missing_files(root, paths)
+    if missing:
+        raise DataIndexError(
+            f"{list_file} names {len(missing)} file(s) that do not exist under {root}, e.g. {missing[0]}"
+        )
     labels = np.asarray(labels, dtype=np.int64)
     if classes is None:
         classes = [str(c) for c in range(num_classes if num_classes is not None else int(labels.max()) + 1)]
     return ImageIndex(str(root), paths, labels, classes)
+
+
+def _missing_files(root: Path, paths: list[str]) -> list[str]:
+    """The listed paths that are not files: one directory listing per folder, not one stat per image
+    (a million stats take minutes on network storage)."""
+    listings: dict[str, set[str] | None] = {}
+    missing = []
+    for path in paths:
+        folder, name = os.path.split(os.path.join(root, path))
+        if folder not in listings:
+            try:
+                listings[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
+            except OSError:
+                listings[folder] = None
+        if listings[folder] is None or name not in listings[folder]:
+            missing.append(path)
+    return missing
 
 
 def _cache_path(cache_dir: Path, root: Path) -> Path:

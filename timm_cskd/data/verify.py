@@ -41,6 +41,8 @@ def check_image(path: str) -> tuple[str, str | None, str | None]:
 
 
 def _split_paths(data_dir: Path, splits: list[str]) -> list[str]:
+    if not data_dir.is_dir():
+        raise DataIndexError(f"--data-dir {data_dir} does not exist or is not a folder")
     paths = []
     for split in splits:
         source = data_dir / split
@@ -93,14 +95,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    output = Path(args.output)
     try:
+        if args.workers < 1:
+            raise DataIndexError(f"--workers {args.workers}: must be >= 1")
+        # Checked before hours of decoding, not after.
+        if output.is_dir() or not output.absolute().parent.is_dir():
+            raise DataIndexError(f"--output {output}: not a file in an existing folder")
+        if not os.access(output.absolute().parent, os.W_OK):
+            raise DataIndexError(f"--output {output}: its folder is not writable")
         bad, unusual = verify(args.data_dir, args.splits, args.workers)
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(
+                f"# undecodable images under {Path(args.data_dir).resolve()}, from timm_cskd.data.verify\n"
+            )
+            f.writelines(f"{path}\n" for path, _ in bad)
     except DataIndexError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.write(f"# undecodable images under {Path(args.data_dir).resolve()}, from timm_cskd.data.verify\n")
-        f.writelines(f"{path}\n" for path, _ in bad)
+    except OSError as e:
+        print(f"error: --output {output}: cannot write it ({e.strerror or e})", file=sys.stderr)
+        return 2
     for path, error in bad:
         print(f"undecodable: {path} ({error})")
     for path, note in unusual:

@@ -92,6 +92,11 @@ def method_hparams(cls: type[Method], kwargs: dict | None) -> dict:
             valid = ", ".join(cls.hparams) or "none"
             raise ConfigError(f"method '{cls.name}' has no hyper-parameter '{key}' (valid: {valid})")
         hp[key] = _coerce(cls, key, value)
+        allowed = cls.hparams[key]
+        if isinstance(hp[key], int | float) and not isinstance(hp[key], bool) and not allowed.admits(hp[key]):
+            raise ConfigError(
+                f"--method-kwargs {key}={hp[key]!r} for method '{cls.name}': must be {allowed.allowed()}"
+            )
     return hp
 
 
@@ -117,6 +122,8 @@ def resolve_method(args) -> tuple[type[Method], dict]:
             raise ConfigError(f"{option} applies to the CS-KD methods, not --method {cls.name}")
         if key in kwargs and kwargs[key] != value:
             raise ConfigError(f"{option} {value} disagrees with --method-kwargs {key}={kwargs[key]}")
+        if not cls.hparams[key].admits(value):
+            raise ConfigError(f"{option} {value}: must be {cls.hparams[key].allowed()}")
         kwargs[key] = value
     if args.plain_sampler and cls.batches != "plain":
         raise ConfigError(f"--plain-sampler gives no class pairs, which --method {cls.name} trains on")
@@ -155,7 +162,8 @@ def describe_methods() -> str:
         mixup = "yes" if cls.mixup else f"no ({cls.mixup_note})"
         lines.append(f"    batches: {cls.batches}, views per image: {views}, Mixup/CutMix: {mixup}")
         for key, h in cls.hparams.items():
-            lines.append(f"    {key}={h.default!r}  {h.help}")
+            allowed = f" ({h.allowed()})" if h.allowed() else ""
+            lines.append(f"    {key}={h.default!r}{allowed}  {h.help}")
     return "\n".join(lines)
 
 

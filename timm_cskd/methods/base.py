@@ -20,6 +20,7 @@ and the checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,10 +50,30 @@ BATCHES = ("plain", "anchor", "paired")
 
 @dataclass(frozen=True)
 class Hyper:
-    """A method hyper-parameter: its default (whose type it keeps) and what it means."""
+    """A method hyper-parameter: its default (whose type it keeps), what it means, and the numbers it
+    may take: ``low`` <= value <= ``high`` (``low_open``: value > ``low``); None leaves a side open."""
 
     default: Any
     help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def allowed(self) -> str:
+        """The allowed range in words, e.g. '> 0' or 'in [0, 1]'; '' when any value is."""
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is None:
+            return low or ""
+        if low is None:
+            return f"<= {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def admits(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,21 @@ class BYOT(Method):
     )
     reference = "Zhang et al., ICCV 2019 (arXiv:1905.08094); a self-distillation baseline of the CS-KD paper"
     hparams = {
-        "alpha": Hyper(0.3, "share of each auxiliary head's loss given to distillation (the authors' code)"),
-        "temperature": Hyper(3.0, "T of the deep-to-auxiliary distillation (the authors' code)"),
-        "lambda": Hyper(
-            0.03, "weight of each head's squared feature distance to the deepest (the authors' code)"
+        "alpha": Hyper(
+            0.3,
+            "share of each auxiliary head's loss given to distillation (the authors' code)",
+            low=0,
+            high=1,
         ),
-        "heads": Hyper(3, "auxiliary heads, on the stages just before the last (3: a ResNet's layer1-3)"),
+        "temperature": Hyper(
+            3.0, "T of the deep-to-auxiliary distillation (the authors' code)", low=0, low_open=True
+        ),
+        "lambda": Hyper(
+            0.03, "weight of each head's squared feature distance to the deepest (the authors' code)", low=0
+        ),
+        "heads": Hyper(
+            3, "auxiliary heads, on the stages just before the last (3: a ResNet's layer1-3)", low=1
+        ),
     }
     mixup = True
 

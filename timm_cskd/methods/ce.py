@@ -35,7 +35,7 @@ class LabelSmoothing(CrossEntropy):
     name = "ls"
     formula = "CE(f(x), (1 - eps) onehot(y) + eps / K)"
     reference = "Szegedy et al., CVPR 2016; the paper's Tables 1 and 2"
-    hparams = {"smoothing": Hyper(0.1, "eps, spread over all K classes (timm's convention)")}
+    hparams = {"smoothing": Hyper(0.1, "eps, spread over all K classes (timm's convention)", low=0, high=1)}
 
     def __init__(self, model, hp, **kwargs):
         super().__init__(model, hp, **kwargs)
@@ -56,6 +56,7 @@ class MaxEntropy(Method):
             0.1,
             "entropy weight, to tune per dataset as Pereyra et al. and the CS-KD paper did (Self-KD-Lib's "
             "0.5 * (p log p).mean() over classes is beta = 0.5 / K)",
+            low=0,
         )
     }
 

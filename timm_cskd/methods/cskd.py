@@ -28,8 +28,12 @@ from timm_cskd.methods.base import Hyper, Method
 __all__ = ["CSKD", "CSKDPaired"]
 
 CSKD_HPARAMS = {
-    "temperature": Hyper(4.0, "T of the class-wise distillation (the paper searched 1 and 4)"),
-    "lambda": Hyper(1.0, "weight of T^2 * KL (the paper: 1 on CIFAR/ImageNet, 3 on fine-grained sets)"),
+    "temperature": Hyper(
+        4.0, "T of the class-wise distillation (the paper searched 1 and 4)", low=0, low_open=True
+    ),
+    "lambda": Hyper(
+        1.0, "weight of T^2 * KL (the paper: 1 on CIFAR/ImageNet, 3 on fine-grained sets)", low=0
+    ),
 }
 
 

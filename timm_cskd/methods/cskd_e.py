@@ -49,7 +49,9 @@ class CSKDE(Method):
     reference = "Yun et al., CVPR 2020 (arXiv:2003.13964), Section 3, CS-KD-E"
     hparams = {
         **CSKD_HPARAMS,
-        "lambda_e": Hyper(1.0, "lambda_E, weight of T^2 * KL(sg p(x) || p(x_aug)), the sample-wise term"),
+        "lambda_e": Hyper(
+            1.0, "lambda_E, weight of T^2 * KL(sg p(x) || p(x_aug)), the sample-wise term", low=0
+        ),
         "auto_augment": Hyper(
             "rand-m9-mstd0.5-inc1-mmax9",
             "the stronger augmentation of x_aug: a timm auto_augment string (RandAugment, AutoAugment, AugMix); "

@@ -39,9 +39,13 @@ class DDGSD(Method):
     )
     reference = "Xu and Liu, AAAI 2019; a self-distillation baseline of the CS-KD paper"
     hparams = {
-        "lambda": Hyper(1.0, "weight of the two T^2 * KL terms between the views (Self-KD-Lib's 1)"),
-        "temperature": Hyper(4.0, "T of the distillation between the views (Self-KD-Lib's 4)"),
-        "mu": Hyper(5e-4, "weight of the squared distance of the views' mean features (Self-KD-Lib's 5e-4)"),
+        "lambda": Hyper(1.0, "weight of the two T^2 * KL terms between the views (Self-KD-Lib's 1)", low=0),
+        "temperature": Hyper(
+            4.0, "T of the distillation between the views (Self-KD-Lib's 4)", low=0, low_open=True
+        ),
+        "mu": Hyper(
+            5e-4, "weight of the squared distance of the views' mean features (Self-KD-Lib's 5e-4)", low=0
+        ),
     }
     mixup = False
     mixup_note = (
