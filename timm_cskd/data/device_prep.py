@@ -124,7 +124,9 @@ class DeviceLoader:
 
     def _finish(self, batch):
         images, target, *rest = batch
-        seeds = rest[0].tolist() if rest else None
+        # The seeds stay on the host (never a device sync); read only where erasing needs them.
+        wants_seeds = rest and any(prep.erasing is not None for prep in self.preps)
+        seeds = rest[0].tolist() if wants_seeds else None
         views = images if isinstance(images, list | tuple) else [images]
         if len(views) != len(self.preps):
             raise ValueError(f"a batch of {len(views)} view(s) for {len(self.preps)} device prep(s)")
