@@ -173,3 +173,22 @@ def test_srun_one_task_per_process_trains_as_one_group(data_dir, tmp_path):
         )
     metrics = [json.loads((run_dir / f"metrics{r}.json").read_text()) for r in (0, 1)]
     assert metrics[0] == metrics[1] and metrics[0]["num_samples"] == 20, "each validation image counted once"
+
+
+def test_a_wait_key_left_by_a_dead_group_does_not_release_the_next_groups_ranks(monkeypatch):
+    # A restarted group sharing torchrun's store: rank 0 of the dead group set its "done" key and died
+    # before deleting it. The new group's rank 1 must still wait for the new rank 0, not run ahead.
+    import datetime
+
+    import torch.distributed as dist
+
+    from timm_cskd import distributed
+
+    store = dist.HashStore()
+    for stale_group in ("", "previous-group"):
+        store.set(f"timm_cskd/primary_done/{stale_group}/0", "1")
+        store.set("timm_cskd/primary_done/0", "1")
+    monkeypatch.setattr(distributed, "SLOW_WORK_TIMEOUT", datetime.timedelta(seconds=0.2))
+    ctx = distributed.Context(torch.device("cpu"), world_size=2, rank=1, store=store, group_id="new-group")
+    with pytest.raises(dist.DistStoreError, match="(?i)timeout|wait"):
+        ctx.fail_together(None, slow=True)

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -170,6 +171,9 @@ class Context:
     # gethostname() resolves to, often one other nodes cannot reach).
     store: dist.Store | None = field(default=None, repr=False)
     _waits: itertools.count = field(default_factory=itertools.count, repr=False)
+    # Names this group's wait keys: a restarted group sharing the store must not find a key that a
+    # rank 0 which died between setting and deleting it left behind.
+    group_id: str = field(default="", repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -194,7 +198,7 @@ class Context:
             if error is not None:
                 raise error
             return
-        key = f"timm_cskd/primary_done/{next(self._waits)}" if slow else None
+        key = f"timm_cskd/primary_done/{self.group_id}/{next(self._waits)}" if slow else None
         if key is not None:
             if self.primary:
                 self.store.set(key, "1")
@@ -243,6 +247,9 @@ def setup_context(args) -> Context:
             world_size=world_size,
         )
         ctx.store = store
+        group_id = [uuid.uuid4().hex if ctx.primary else None]
+        dist.broadcast_object_list(group_id, src=0)
+        ctx.group_id = group_id[0]
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
