@@ -1,5 +1,6 @@
 """The torch loader: augmentation is a function of the plan position, not of workers or resumes."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
@@ -48,6 +49,8 @@ MODES = {
     "off-plain": ["--cskd-mode", "off", "--plain-sampler"],
     # Random erasing on the device, seeded from each sample's plan seed.
     "anchor-erasing": ["--cskd-mode", "anchor", "--reprob", "0.5", "--remode", "pixel"],
+    # RandAugment draws its operations from NumPy's global RNG, which workers reseed per sample.
+    "anchor-randaugment": ["--cskd-mode", "anchor", "--aa", "rand-m9-n3-mstd0.5"],
 }
 
 
@@ -73,13 +76,17 @@ def test_batches_do_not_depend_on_workers_or_resume(folder, mode):
 def test_loading_leaves_the_global_rngs_alone(folder):
     import random
 
-    torch.manual_seed(0)
-    random.seed(0)
-    expected = (torch.rand(3), random.random())
-    torch.manual_seed(0)
-    random.seed(0)
-    epoch(loader_for(folder, "-j", "0"), 0)
+    def reseed():
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)  # noqa: NPY002
+
+    reseed()
+    expected = (torch.rand(3), random.random(), np.random.random())  # noqa: NPY002
+    reseed()
+    epoch(loader_for(folder, "-j", "0", "--aa", "rand-m9-n3-mstd0.5"), 0)
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.random() == expected[2]  # noqa: NPY002
 
 
 WORKER_SCRIPT = """
