@@ -195,6 +195,20 @@ def test_truncated_checkpoint_is_skipped_with_warning(data_dir, tmp_path, capsys
     assert f"resumed from {tmp_path / 'run' / 'last-previous.pth.tar'} at epoch 1, batch 0" in output
 
 
+def test_final_table_names_the_ece_bins_it_used(data_dir, tmp_path, capsys):
+    from timm_cskd.train import main
+
+    assert main(tiny_args(data_dir, tmp_path, "--epochs", "1", "--ece-bins", "7")) == 0
+    table = dict(
+        line.split(None, 0)[0].strip().rsplit("  ", 1)
+        for line in capsys.readouterr().out.splitlines()
+        if "(%)" in line
+    )
+    table = {name.strip(): value.strip() for name, value in table.items()}
+    assert "ECE, 20 bins (%)" not in table
+    assert table["ECE, 7 bins (%)"] == f"{float(summary(tmp_path)[-1]['eval_ece']):.2f}"
+
+
 def test_existing_run_is_never_overwritten_by_accident(data_dir, tmp_path, capsys):
     run(parse_args(tiny_args(data_dir, tmp_path, "--epochs", "1")))
     before = (tmp_path / "run" / "last.pth.tar").read_bytes()

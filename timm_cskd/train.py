@@ -802,7 +802,7 @@ def print_final_table(trainer: Trainer, metrics: dict[str, float]) -> None:
         ("top-1 error (%)", f"{metrics['top1_err']:.2f}"),
         ("top-5 error (%)", f"{metrics['top5_err']:.2f}"),
         ("NLL", f"{metrics['nll']:.4f}"),
-        ("ECE, 20 bins (%)", f"{metrics['ece']:.2f}"),
+        (f"ECE, {trainer.args.ece_bins} bins (%)", f"{metrics['ece']:.2f}"),
         ("Brier", f"{metrics['brier']:.4f}"),
         ("validation images", f"{metrics['num_samples']}"),
     ]
