@@ -199,12 +199,8 @@ def test_final_table_names_the_ece_bins_it_used(data_dir, tmp_path, capsys):
     from timm_cskd.train import main
 
     assert main(tiny_args(data_dir, tmp_path, "--epochs", "1", "--ece-bins", "7")) == 0
-    table = dict(
-        line.split(None, 0)[0].strip().rsplit("  ", 1)
-        for line in capsys.readouterr().out.splitlines()
-        if "(%)" in line
-    )
-    table = {name.strip(): value.strip() for name, value in table.items()}
+    lines = [line.rsplit("  ", 1) for line in capsys.readouterr().out.splitlines() if "(%)" in line]
+    table = {name.strip(): value.strip() for name, value in lines}
     assert "ECE, 20 bins (%)" not in table
     assert table["ECE, 7 bins (%)"] == f"{float(summary(tmp_path)[-1]['eval_ece']):.2f}"
 
