@@ -419,6 +419,11 @@ def test_model_card_shows_the_validation_of_the_exported_weights(trained, tmp_pa
     assert f"after epoch {epoch + 1}" in card
     for key, label in (("top1_err", "top-1 error (%)"), ("nll", "NLL"), ("ece", "ECE, 20 bins (%)")):
         assert f"| {label} | {float(row[prefix + key]):.4g} |" in card, (key, card)
+    results = ModelCard.load(out / "README.md").data.eval_results
+    assert {r.metric_type: r.metric_value for r in results} == {
+        key: float(row[prefix + key]) for key in ("top1_err", "top5_err", "ece", "nll")
+    }, "the hub's model-index carries the same validation"
+    assert {r.dataset_name for r in results} == {"data"}, "the training run's --data-dir folder"
 
 
 def test_model_card_takes_the_epochs_last_validation(trained, tmp_path):
