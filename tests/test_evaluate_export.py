@@ -586,7 +586,7 @@ def test_push_to_hub_token_from_the_environment_and_a_failed_upload(
     assert export.main(argv) == 1
     captured = capsys.readouterr()
     assert "uploaded" not in captured.out
-    assert captured.err.startswith("error: --push-to-hub me/m: the upload failed, nothing was committed")
+    assert captured.err.startswith("error: --push-to-hub me/m: the upload failed (HfHubHTTPError: ")
     assert "403 Forbidden" in captured.err and "Traceback" not in captured.err
     assert [c["call"] for c in fake_hub.read(record)["calls"]] == ["create_repo", "upload_folder"]
     assert (tmp_path / "o" / "model.safetensors").is_file(), "the local export stays"

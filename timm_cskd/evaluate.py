@@ -7,10 +7,11 @@ CKPT is a training checkpoint, a plain state_dict (with --model) or an exported 
 Writes ``metrics.json`` (errors, ECE and the confidence gap in percent, as in the paper),
 ``reliability.png``, ``reliability.json`` (the bins, for ``timm_cskd.compare``), with
 --save-predictions ``predictions.npz`` (probs, labels, features) and with --results-file timm
-``validate.py``'s results file (its columns and units, then ours; replaced like timm's, never appended). With --calib-split it also fits a
-temperature on that held-out split (Guo et al. 2017) and reports the evaluated split's NLL, ECE and
-confidence gap after scaling. Under torchrun each rank evaluates its share and every image counts exactly
-once. Evaluation runs in full float32 (TF32 off) unless --amp asks for bfloat16.
+``validate.py``'s results file (its columns and units, then ours; replaced as timm's is, never appended).
+With --calib-split it also fits a temperature on that held-out split (Guo et al. 2017) and reports the
+evaluated split's NLL, ECE and confidence gap after scaling. Under torchrun each rank evaluates its share
+and every image counts exactly once. Evaluation runs in full float32 (TF32 off) unless --amp asks for
+bfloat16.
 """
 
 from __future__ import annotations
@@ -431,7 +432,7 @@ def run(args) -> dict:
         metrics["ema"] = args.ema
         architecture = model.pretrained_cfg.get("architecture") or (loaded.train_args or {}).get("model", "")
         metrics["evaluated"] = evaluated_setup(
-            model, data_config, architecture, Path(args.data_dir).resolve().name, source.name
+            model, data_config, architecture, Path(args.data_dir).resolve().name, source.stem
         )
         bins = bins_to_dict(*result.meter.bins())
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

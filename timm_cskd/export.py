@@ -98,7 +98,7 @@ def model_card(
     dataset: tuple[str, str | None] = ("unknown", None),
 ) -> ModelCard:
     """The card: huggingface_hub's metadata (``model-index`` with the measured metrics, which the hub
-    shows and parses), the recipe and the metrics table."""
+    shows and parses; timm's ``generate_readme`` writes none), the recipe and the metrics table."""
     args = loaded.train_args or {}
     dataset_name, split = dataset
     eval_results = [
@@ -345,7 +345,8 @@ def hub_token() -> str:
         or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
     ):
         raise CheckpointError(
-            "--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, or export without --push-to-hub"
+            "--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, "
+            "or export without --push-to-hub"
         )
     token = get_token()
     if token is None:
@@ -380,8 +381,8 @@ def push_folder(
     # Whatever the client raises (HTTP status, network, its own checks), the commit did not land.
     except Exception as e:
         raise UploadError(
-            f"--push-to-hub {repo_id}: the upload failed, nothing was committed "
-            f"({type(e).__name__}: {e}); the export in {folder} is complete, rerun to upload it"
+            f"--push-to-hub {repo_id}: the upload failed ({type(e).__name__}: {e}); a hub commit lands "
+            f"whole or not at all, and the export in {folder} is complete: rerun to upload it"
         ) from e
     return commit.commit_url
 
