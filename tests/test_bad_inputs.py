@@ -55,6 +55,7 @@ class Row:
     early: bool = False  # fails on the value alone: no experiment folder is created
     keep: str | None = None  # a folder of user files (placeholder) that must stay byte-identical
     skip_if: bool = False
+    environ: dict = field(default_factory=dict)  # environment variables set for the row
 
 
 @dataclass
@@ -255,6 +256,14 @@ ROWS = [
         "is an existing file", write("{tmp}/file", "mine"), keep="{tmp}"),
     Row("export-missing-checkpoint", "export", ["--checkpoint", "{tmp}/nope.pth.tar", "--output", "{tmp}/new"],
         "checkpoint not found"),
+    Row("export-push-offline", "export", ["--checkpoint", CKPT, "--output", "{tmp}/new", "--push-to-hub", "me/m"],
+        "--push-to-hub: HF_HUB_OFFLINE is set", environ={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x"}),
+    Row("export-push-repo-without-owner", "export", ["--checkpoint", CKPT, "--output", "{tmp}/new",
+        "--push-to-hub", "resnet50-cskd"], "--push-to-hub resnet50-cskd: name the repository as ORG/NAME"),
+    Row("export-push-bad-repo-id", "export", ["--checkpoint", CKPT, "--output", "{tmp}/new", "--push-to-hub",
+        "me/my model"], "--push-to-hub me/my model: not a valid repository id"),
+    Row("export-private-without-push", "export", ["--checkpoint", CKPT, "--output", "{tmp}/new", "--private"],
+        "--private is for the upload: add --push-to-hub"),
     Row("export-text-checkpoint", "export", ["--checkpoint", "{tmp}/notes.txt", "--output", "{tmp}/new"],
         "is not a readable PyTorch checkpoint", write("{tmp}/notes.txt", "hello")),
     # --- evaluate
@@ -274,6 +283,10 @@ ROWS = [
         "--img-size 0: must be >= 1"),
     Row("evaluate-device-cuda", "evaluate", ["--checkpoint", CKPT, "--data-dir", "{data}", "--device", "cuda"],
         "--device cuda: this machine has no cuda", skip_if=NO_CUDA),
+    Row("evaluate-results-format-xml", "evaluate", ["--checkpoint", CKPT, "--data-dir", "{data}", "--results-file",
+        "{tmp}/r.xml", "--results-format", "xml"], "argument --results-format: invalid choice: 'xml'"),
+    Row("evaluate-results-file-is-a-folder", "evaluate", ["--checkpoint", CKPT, "--data-dir", "{data}",
+        "--results-file", "{tmp}"], "--results-file {tmp} is a folder"),
     Row("evaluate-output-is-a-file", "evaluate", ["--checkpoint", CKPT, "--data-dir", "{data}", "--output",
         "{tmp}/file"], "--output {tmp}/file is an existing file", write("{tmp}/file", "x")),
     # --- compare and figures
@@ -350,9 +363,11 @@ def call(tool: str, argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
-def test_bad_input_is_one_clear_error_and_destroys_nothing(row, env, capsys):
+def test_bad_input_is_one_clear_error_and_destroys_nothing(row, env, capsys, monkeypatch):
     if row.skip_if:
         pytest.skip("this machine has the device the row says is missing")
+    for variable, value in row.environ.items():
+        monkeypatch.setenv(variable, value)
     if row.setup is not None:
         row.setup(env)
     kept = Path(env.fill(row.keep)) if row.keep else None

@@ -1,24 +1,30 @@
 """Evaluate, compare and export on checkpoints the trainer writes, and export round trips into timm."""
 
+import csv
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import fake_hub
 import numpy as np
 import pytest
 import timm
 import torch
 from calibration_reference import calibration_metrics, grid_temperature, nll
 from conftest import PLAIN_RECIPE, make_image_folder
+from huggingface_hub import ModelCard, constants
 from PIL import Image
 
 from timm_cskd import compare, evaluate, export
 from timm_cskd.config import parse_args
+from timm_cskd.results import TIMM_COLUMNS
 from timm_cskd.train import run
 
+ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"top1_err", "top5_err", "nll", "ece", "brier", "conf_gap", "recall_at_1", "num_samples"}
 TS_KEYS = {"temperature", "nll_ts", "ece_ts", "conf_gap_ts"}
 
@@ -386,13 +392,12 @@ def test_export_errors_are_clear(tmp_path, capsys, monkeypatch):
 
     good = tmp_path / "good.pth.tar"
     torch.save({"state_dict": model.state_dict(), "arch": "resnet18", "num_classes": 3}, good)
-    for variable in export.TOKEN_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
+    no_login(monkeypatch, tmp_path)
     assert (
         export.main(["--checkpoint", str(good), "--output", str(tmp_path / "o"), "--push-to-hub", "me/m"])
         == 2
     )
-    assert "needs a Hugging Face token: set HF_TOKEN" in capsys.readouterr().err
+    assert "needs a Hugging Face token: run `hf auth login` or set HF_TOKEN" in capsys.readouterr().err
     assert not (tmp_path / "o").exists(), "nothing is exported before the token check"
     assert evaluate.main(["--checkpoint", str(truncated), "--data-dir", str(tmp_path)]) == 2
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
@@ -414,6 +419,11 @@ def test_model_card_shows_the_validation_of_the_exported_weights(trained, tmp_pa
     assert f"after epoch {epoch + 1}" in card
     for key, label in (("top1_err", "top-1 error (%)"), ("nll", "NLL"), ("ece", "ECE, 20 bins (%)")):
         assert f"| {label} | {float(row[prefix + key]):.4g} |" in card, (key, card)
+    results = ModelCard.load(out / "README.md").data.eval_results
+    assert {r.metric_type: r.metric_value for r in results} == {
+        key: float(row[prefix + key]) for key in ("top1_err", "top5_err", "ece", "nll")
+    }, "the hub's model-index carries the same validation"
+    assert {r.dataset_name for r in results} == {"data"}, "the training run's --data-dir folder"
 
 
 def test_model_card_takes_the_epochs_last_validation(trained, tmp_path):
@@ -433,3 +443,150 @@ def test_model_card_takes_the_epochs_last_validation(trained, tmp_path):
         csv.DictWriter(f, fieldnames=list(rows[0])).writerow(again)
     card = (export.export(copy / "last.pth.tar", tmp_path / "card") / "README.md").read_text()
     assert "| top-1 error (%) | 12.5 |" in card
+
+
+# ---------------------------------------------------------------------------------------------- timm's results file
+
+
+def test_results_file_has_timm_validate_columns_and_units(trained, tmp_path):
+    """Read back with timm validate.py's column names: top1/top5 in percent, param_count in millions."""
+    data, run_dir, _ = trained
+    results = tmp_path / "tables" / "results.csv"
+    results.parent.mkdir()
+    results.write_text("an earlier table\n")  # timm's validate.py replaces its results file
+    argv = ["--checkpoint", str(run_dir / "last.pth.tar"), "--data-dir", str(data), "--output", str(tmp_path / "e"),
+            "--save-predictions", "--calib-split", "calib", "-j", "0"]  # fmt: skip
+    assert evaluate.main([*argv, "--results-file", str(results)]) == 0
+    with open(results, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert len(rows) == 1
+    row = rows[0]
+    assert tuple(reader.fieldnames[: len(TIMM_COLUMNS)]) == TIMM_COLUMNS
+    assert reader.fieldnames[len(TIMM_COLUMNS) :][:5] == ["nll", "ece", "brier", "conf_gap", "recall_at_1"]
+    assert {"temperature", "nll_ts", "ece_ts", "conf_gap_ts"} <= set(reader.fieldnames)
+
+    predictions = np.load(tmp_path / "e" / "predictions.npz")
+    probs, labels = predictions["probs"], predictions["labels"]
+    top1 = 100 * (probs.argmax(1) == labels).mean()
+    top5 = 100 * (np.argsort(-probs, 1)[:, :5] == labels[:, None]).any(1).mean()
+    assert float(row["top1"]) == pytest.approx(round(top1, 4), abs=1e-4)
+    assert float(row["top1_err"]) == pytest.approx(round(100 - top1, 4), abs=1e-4)
+    assert float(row["top5"]) == pytest.approx(round(top5, 4), abs=1e-4)
+    model = timm.create_model("test_resnet", num_classes=3)
+    assert float(row["param_count"]) == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    assert row["model"] == "test_resnet"
+    data_config = torch.load(run_dir / "last.pth.tar", weights_only=False)["data_config"]
+    assert int(row["img_size"]) == 32 == data_config["input_size"][-1]
+    assert float(row["crop_pct"]) == 1.0 and row["interpolation"] == data_config["interpolation"]
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    for key in ("nll", "ece", "brier", "conf_gap", "recall_at_1", "ece_ts"):
+        assert float(row[key]) == pytest.approx(metrics[key], rel=1e-12)
+
+    as_json = tmp_path / "results.json"
+    assert evaluate.main([*argv, "--results-file", str(as_json), "--results-format", "json"]) == 0
+    parsed = json.loads(as_json.read_text())
+    assert isinstance(parsed, dict), "one model: timm dumps its results dict"
+    assert {k: str(v) for k, v in parsed.items()} == row
+
+
+# ---------------------------------------------------------------------------------------------- the hub
+
+
+def no_login(monkeypatch, tmp_path):
+    """No token anywhere huggingface_hub looks: the environment, or the saved login (HF_HOME/token, whose
+    path the library fixed at import)."""
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+
+
+@pytest.fixture
+def hub_export(tmp_path):
+    """A checkpoint and the metrics.json of its evaluation, as evaluate writes it."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=3)
+    checkpoint = tmp_path / "good.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "arch": "resnet18", "num_classes": 3}, checkpoint)
+    metrics = {"top1_err": 12.5, "top5_err": 1.25, "nll": 0.4375, "ece": 3.5, "brier": 0.2, "num_samples": 80,
+               "evaluated": {"model": "resnet18", "dataset": "fmnist100", "split": "val"}}  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    return checkpoint, tmp_path / "metrics.json", metrics
+
+
+def test_push_to_hub_with_the_saved_login_uploads_the_export_to_the_named_repository(tmp_path, hub_export):
+    """In its own process, as a user runs it: no HF_TOKEN, the token of `hf auth login` in HF_HOME/token;
+    the hub client's methods recorded instead of sent."""
+    checkpoint, metrics_file, metrics = hub_export
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    (hf_home / "token").write_text("hf_saved_login_token\n")
+    record, out = tmp_path / "hub.json", tmp_path / "exported"
+    script = (
+        "import sys, fake_hub; fake_hub.install(sys.argv[1]); from timm_cskd import export; "
+        "sys.exit(export.main(sys.argv[2:]))"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")
+    }
+    env |= {"HF_HOME": str(hf_home), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    argv = ["--checkpoint", str(checkpoint), "--output", str(out), "--metrics", str(metrics_file),
+            "--push-to-hub", "my-org/resnet18-cskd", "--private", "--revision", "v1"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script, str(record), *argv], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "uploaded to https://huggingface.co/my-org/resnet18-cskd/commit/" in done.stdout
+
+    calls = fake_hub.read(record)["calls"]
+    assert [c["call"] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert {c["token"] for c in calls} == {"hf_saved_login_token"}
+    assert {c["repo_id"] for c in calls} == {"my-org/resnet18-cskd"}
+    assert calls[0]["private"] is True and calls[1]["branch"] == "v1" and calls[2]["revision"] == "v1"
+    upload = calls[2]
+    assert upload["files"] == {p.name: p.stat().st_size for p in out.iterdir()}, "the tested folder, as it is"
+    assert upload["card"] == (out / "README.md").read_text()
+    assert "*.bin" in upload["delete_patterns"], "an earlier upload's .bin would shadow the safetensors"
+
+    card = ModelCard.load(out / "README.md")
+    assert "timm.create_model('hf-hub:my-org/resnet18-cskd@v1', pretrained=True)" in card.text
+    assert "ORG/" not in card.content
+    assert card.data.library_name == "timm" and card.data.model_name == "my-org/resnet18-cskd"
+    measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert measured == {k: metrics[k] for k in ("top1_err", "top5_err", "ece", "nll")}
+    assert {(r.dataset_name, r.dataset_split, r.task_type) for r in card.data.eval_results} == {
+        ("fmnist100", "val", "image-classification")
+    }
+
+
+def test_push_to_hub_token_from_the_environment_and_a_failed_upload(
+    tmp_path, hub_export, monkeypatch, capsys
+):
+    checkpoint, metrics_file, _ = hub_export
+    no_login(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_env_token")
+    record = tmp_path / "hub.json"
+    fake_hub.install(record, patch=monkeypatch.setattr)
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--push-to-hub", "me/m",
+            "--dataset", "timm/fmnist"]  # fmt: skip
+    assert export.main(argv) == 0
+    calls = fake_hub.read(record)["calls"]
+    assert [c["call"] for c in calls] == ["create_repo", "upload_folder"], "no branch without --revision"
+    assert calls[0]["token"] == "hf_env_token" and calls[0]["private"] is False
+    assert calls[1]["revision"] is None
+    card = ModelCard.load(tmp_path / "o" / "README.md")
+    assert "hf-hub:me/m'" in card.text
+    capsys.readouterr()
+
+    record.unlink()
+    fake_hub.install(record, fail_upload=True, patch=monkeypatch.setattr)
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--metrics", str(metrics_file),
+            "--push-to-hub", "me/m"]  # fmt: skip
+    assert export.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "uploaded" not in captured.out
+    assert captured.err.startswith("error: --push-to-hub me/m: the upload failed (HfHubHTTPError: ")
+    assert "403 Forbidden" in captured.err and "Traceback" not in captured.err
+    assert [c["call"] for c in fake_hub.read(record)["calls"]] == ["create_repo", "upload_folder"]
+    assert (tmp_path / "o" / "model.safetensors").is_file(), "the local export stays"

@@ -284,6 +284,7 @@ def test_grid_end_to_end_resume_skip_and_failure(tmp_path, data_dir, capsys):
     assert {(e["method"], e["status"]) for e in listed["incomplete"]} == {("broken", "failed")}
     assert all("ece_ts" in m for m in metrics.values()), "evaluated with --calib-split calib"
 
+    row_methods = {"ce": "ce", "CS-KD": "cskd"}
     with open(out / "study.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(
@@ -292,7 +293,22 @@ def test_grid_end_to_end_resume_skip_and_failure(tmp_path, data_dir, capsys):
     )
     for row in rows:
         assert float(row["value"]) == metrics[row["label"], int(row["seed"])][row["metric"]]
-        assert row["dataset"] == "tiny" and row["method"] == {"ce": "ce", "CS-KD": "cskd"}[row["label"]]
+        assert row["dataset"] == "tiny" and row["method"] == row_methods[row["label"]]
+
+    # results.csv: timm validate.py's columns, a row per evaluated cell, in timm's units.
+    with open(out / "results.csv", newline="") as f:
+        results = list(csv.DictReader(f))
+    assert {(r["label"], int(r["seed"])) for r in results} == set(metrics)
+    for r in results:
+        m = metrics[r["label"], int(r["seed"])]
+        assert (
+            r["model"] == "test_resnet" and r["dataset"] == "tiny" and r["method"] == row_methods[r["label"]]
+        )
+        assert float(r["top1"]) == round(100 - m["top1_err"], 4) and float(r["top5_err"]) == round(
+            m["top5_err"], 4
+        )
+        assert float(r["param_count"]) == round(m["evaluated"]["param_count"] / 1e6, 2) > 0
+        assert float(r["ece_ts"]) == m["ece_ts"] and int(r["img_size"]) == m["evaluated"]["img_size"]
 
     table = _table_rows((out / "study.md").read_text(), "tiny")
     columns = {

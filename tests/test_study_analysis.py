@@ -1,6 +1,7 @@
 """A study reads its own table: Welch's t against scipy, the differences table, the regime paragraph, and
 study_report regenerating study.md's analysis from a study folder."""
 
+import csv
 import json
 import math
 import re
@@ -246,6 +247,35 @@ def test_study_md_carries_the_analysis_and_study_report_regenerates_it(tmp_path,
     assert "--baseline 'nosuch' is no row of the study (rows: CE, CS-KD, LS)" in capsys.readouterr().err
     assert study_report.main([str(tmp_path / "missing")]) == 2
     assert "study.csv" in capsys.readouterr().err
+
+
+def test_results_csv_is_timms_results_table_with_a_row_per_cell(tmp_path):
+    """The cells' metrics.json as timm validate.py's results: accuracies in percent from our errors,
+    param_count in millions; a cell evaluated without temperature scaling leaves those columns empty."""
+    rows = known_rows()
+    rows[2][1][0].pop("ece_ts")
+    for _, runs in rows:
+        for m in runs:
+            m["evaluated"] = {"model": "resnet50", "param_count": 25_557_032, "img_size": 224,
+                              "crop_pct": 0.95, "interpolation": "bicubic"}  # fmt: skip
+    study = synthetic_study(tmp_path, rows)
+    st.summarise(study)
+    with open(study.output / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        table = list(reader)
+    assert reader.fieldnames[:13] == ["dataset", "label", "method", "seed", "model", "top1", "top1_err", "top5",
+                                      "top5_err", "param_count", "img_size", "crop_pct", "interpolation"]  # fmt: skip
+    assert len(table) == 9
+    expected = {(label, seed): m for label, runs in rows for seed, m in enumerate(runs)}
+    for r in table:
+        m = expected[r["label"], int(r["seed"])]
+        assert r["dataset"] == "fm" and r["method"] == {"CE": "ce", "CS-KD": "cskd", "LS": "ls"}[r["label"]]
+        assert float(r["top1"]) == round(100 - m["top1_err"], 4) and float(r["top1_err"]) == m["top1_err"]
+        assert float(r["top5"]) == round(100 - m["top5_err"], 4)
+        assert (r["model"], r["param_count"], r["img_size"]) == ("resnet50", "25.56", "224")
+        assert (r["crop_pct"], r["interpolation"]) == ("0.95", "bicubic")
+        assert r["ece_ts"] == ("" if (r["label"], r["seed"]) == ("LS", "0") else str(m["ece_ts"]))
+        assert float(r["recall_at_1"]) == m["recall_at_1"] and float(r["conf_gap"]) == m["conf_gap"]
 
 
 def test_baseline_flag_and_grid_key(tmp_path):

@@ -5,11 +5,13 @@
 
 CKPT is a training checkpoint, a plain state_dict (with --model) or an exported ``local-dir`` folder.
 Writes ``metrics.json`` (errors, ECE and the confidence gap in percent, as in the paper),
-``reliability.png``, ``reliability.json`` (the bins, for ``timm_cskd.compare``) and with
---save-predictions ``predictions.npz`` (probs, labels, features). With --calib-split it also fits a
-temperature on that held-out split (Guo et al. 2017) and reports the evaluated split's NLL, ECE and
-confidence gap after scaling. Under torchrun each rank evaluates its share and every image counts exactly
-once. Evaluation runs in full float32 (TF32 off) unless --amp asks for bfloat16.
+``reliability.png``, ``reliability.json`` (the bins, for ``timm_cskd.compare``), with
+--save-predictions ``predictions.npz`` (probs, labels, features) and with --results-file timm
+``validate.py``'s results file (its columns and units, then ours; replaced as timm's is, never appended).
+With --calib-split it also fits a temperature on that held-out split (Guo et al. 2017) and reports the
+evaluated split's NLL, ECE and confidence gap after scaling. Under torchrun each rank evaluates its share
+and every image counts exactly once. Evaluation runs in full float32 (TF32 off) unless --amp asks for
+bfloat16.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from timm_cskd.distributed import setup_context
 from timm_cskd.flag_checks import check_device
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
 from timm_cskd.reliability import bins_to_dict, plot_reliability
+from timm_cskd.results import FORMATS, evaluated_setup, results_row, write_results
 
 __all__ = ["Evaluation", "evaluate", "main", "recall_at_1"]
 
@@ -208,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     parser.add_argument("--save-predictions", action="store_true", help="also write predictions.npz")
     parser.add_argument("--output", default=None, help="default: <checkpoint folder>/eval-<split>")
+    parser.add_argument(
+        "--results-file",
+        default=None,
+        metavar="FILENAME",
+        help="also write timm validate.py's results file (model, top1, top1_err, top5, top5_err, "
+        "param_count, img_size, crop_pct, interpolation, then our metrics); an existing file is "
+        "replaced, as timm's validate.py does",
+    )
+    parser.add_argument(
+        "--results-format", default="csv", choices=FORMATS, help="results file format (default: csv)"
+    )
     parser.add_argument("--img-size", type=int, default=None, help="override the checkpoint's input size")
     parser.add_argument("--crop-pct", type=float, default=None, help="override the checkpoint's centre crop")
     parser.add_argument(
@@ -307,6 +321,8 @@ def check_args(args) -> None:
         raise CheckpointError(f"--checkpoint {args.checkpoint}: checkpoint not found")
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise ConfigError(f"--output {args.output} is an existing file: evaluate writes a folder")
+    if args.results_file and Path(args.results_file).is_dir():
+        raise ConfigError(f"--results-file {args.results_file} is a folder: it names the file to write")
 
 
 def run(args) -> dict:
@@ -340,6 +356,13 @@ def run(args) -> dict:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             error = ConfigError(f"--output {out}: cannot create it ({e.strerror or e})")
+        if args.results_file and error is None:
+            try:
+                Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                error = ConfigError(
+                    f"--results-file {args.results_file}: cannot create its folder ({e.strerror or e})"
+                )
     ctx.fail_together(error)
     transform = build_val_transform(data_config)
     prep = build_val_prep(data_config, ctx.device, args.channels_last)
@@ -407,9 +430,20 @@ def run(args) -> dict:
         metrics["recall_at_1"] = recall_at_1(result, args.recall_chunk)
         metrics["checkpoint"] = loaded.source
         metrics["ema"] = args.ema
+        architecture = model.pretrained_cfg.get("architecture") or (loaded.train_args or {}).get("model", "")
+        metrics["evaluated"] = evaluated_setup(
+            model, data_config, architecture, Path(args.data_dir).resolve().name, source.stem
+        )
         bins = bins_to_dict(*result.meter.bins())
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "reliability.json").write_text(json.dumps(bins))
+        if args.results_file:
+            try:
+                write_results(args.results_file, results_row(metrics), args.results_format)
+            except OSError as e:
+                raise ConfigError(
+                    f"--results-file {args.results_file}: cannot write it ({e.strerror or e})"
+                ) from e
         name = Path(loaded.source).parent.name if Path(loaded.source).is_file() else Path(loaded.source).name
         plot_reliability(bins, out / "reliability.png", title=name + (" (EMA)" if args.ema else ""))
         if args.save_predictions:

@@ -5,7 +5,11 @@
 
 The folder holds exactly one weights file (``model.safetensors``: timm up to 1.0.28 preferred a ``.bin``
 beside it), ``config.json`` written by timm's ``save_for_hf`` with the preprocessing the model was
-trained for and its label names, and a model card ``README.md`` with the recipe and measured metrics.
+trained for and its label names, and a model card ``README.md`` (huggingface_hub's ``ModelCard``) with
+the recipe and the measured metrics, also as ``model-index`` entries (``EvalResult``) the hub reads.
+``--push-to-hub`` uploads that folder in one commit with the token huggingface_hub finds
+(``get_token``: HF_TOKEN, then the saved ``hf auth login``), to ``--revision`` (a branch) of a
+repository created ``--private`` when it does not exist yet.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
@@ -32,7 +37,7 @@ WEIGHTS = "model.safetensors"
 EXPORT_FILES = {WEIGHTS, "config.json", "README.md"}
 EXPORT_TAG = "cskd"
 METRIC_KEYS = ("top1_err", "top5_err", "ece", "nll", "brier", "recall_at_1", "num_samples")
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+STALE_WEIGHTS = ["*.bin", "*.safetensors", "*.pth", "*.pth.tar"]
 
 
 def checkpoint_metrics(
@@ -60,18 +65,66 @@ def checkpoint_metrics(
     return metrics or None
 
 
-def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool, source: str = "") -> str:
+# model-index entries: metrics.json key, metric name on the hub.
+CARD_EVAL_METRICS = (
+    ("top1_err", "Top-1 error (%)"),
+    ("top5_err", "Top-5 error (%)"),
+    ("ece", "ECE, 20 bins (%)"),
+    ("nll", "NLL"),
+)
+
+
+def card_dataset(
+    loaded: LoadedModel, metrics_file: str | None, metrics: dict, dataset: str | None = None
+) -> tuple[str, str | None]:
+    """(dataset, split) the card's metrics were measured on: ``dataset`` if named, else the --data-dir
+    folder name that evaluate recorded or the training run's; the split as evaluated or validated."""
+    if metrics_file is not None:
+        evaluated = metrics.get("evaluated") or {}
+        return dataset or evaluated.get("dataset") or "unknown", evaluated.get("split")
     args = loaded.train_args or {}
+    return dataset or Path(args.get("data_dir") or args.get("data") or "unknown").name, args.get("val_split")
+
+
+def model_card(
+    loaded: LoadedModel,
+    name: str,
+    metrics: dict | None,
+    ema: bool,
+    source: str = "",
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    dataset: tuple[str, str | None] = ("unknown", None),
+) -> ModelCard:
+    """The card: huggingface_hub's metadata (``model-index`` with the measured metrics, which the hub
+    shows and parses; timm's ``generate_readme`` writes none), the recipe and the metrics table."""
+    args = loaded.train_args or {}
+    dataset_name, split = dataset
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=label,
+            metric_value=float(metrics[key]),
+        )
+        for key, label in CARD_EVAL_METRICS
+        if metrics and key in metrics
+    ]
+    data = ModelCardData(
+        library_name="timm",
+        pipeline_tag="image-classification",
+        license="apache-2.0",
+        tags=["image-classification", "timm", "cs-kd"],
+        model_name=repo_id or name,
+        eval_results=eval_results or None,
+    )
+    load = f"'{hub_name(repo_id, revision)}'" if repo_id else "'local-dir:PATH'"
     lines = [
-        "---",
-        "library_name: timm",
-        "tags:",
-        "- image-classification",
-        "- timm",
-        "- cs-kd",
-        "license: apache-2.0",
-        "---",
-        f"# {name}",
+        f"# {repo_id or name}",
         "",
         f"A `{args.get('model', loaded.model.default_cfg.get('architecture'))}` trained with "
         f"[timm-cskd](https://arxiv.org/abs/2003.13964), method `{loaded.method or 'cskd'}`"
@@ -84,7 +137,7 @@ def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool, 
         "",
         "```python",
         "import timm",
-        f"model = timm.create_model('hf-hub:ORG/{name}', pretrained=True)  # or 'local-dir:PATH'",
+        f"model = timm.create_model({load}, pretrained=True)",
         "```",
     ]
     if args:
@@ -120,7 +173,7 @@ def model_card(loaded: LoadedModel, name: str, metrics: dict | None, ema: bool, 
             "|---|---|",
         ]
         lines += [f"| {label} | {metrics[key]:.4g} |" for key, label in names if key in metrics]
-    return "\n".join(lines) + "\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines) + "\n")
 
 
 def plain_timm_model(loaded: LoadedModel) -> torch.nn.Module:
@@ -148,7 +201,12 @@ def export(
     ema: bool = False,
     model_name: str | None = None,
     metrics_file: str | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    dataset: str | None = None,
 ) -> Path:
+    """Write the export folder; ``repo_id`` (and ``revision``), where on the hub it is for, is what its
+    card names."""
     out = Path(output)
     check_output_folder(out)
     if metrics_file is not None:
@@ -180,9 +238,17 @@ def export(
         save_for_hf(
             model, str(staging), model_config=model_config, safe_serialization=True, data_config=data_config
         )
-        (staging / "README.md").write_text(
-            model_card(loaded, out.name, metrics, ema, source), encoding="utf-8"
+        card = model_card(
+            loaded,
+            out.name,
+            metrics,
+            ema,
+            source,
+            repo_id=repo_id,
+            revision=revision,
+            dataset=card_dataset(loaded, metrics_file, metrics or {}, dataset),
         )
+        (staging / "README.md").write_text(str(card), encoding="utf-8")
         _swap_in(staging, out)
     except OSError as e:
         raise CheckpointError(f"--output {out}: cannot write the export ({e})") from e
@@ -246,24 +312,79 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class UploadError(Exception):
+    """The hub refused or never received the upload (the local export is complete)."""
+
+
+def hub_name(repo_id: str, revision: str | None) -> str:
+    """timm's name for a hub model, ``hf-hub:ORG/NAME[@REVISION]``."""
+    return f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """The repository must be named in full: the card names it before the hub is asked anything."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise CheckpointError(f"--push-to-hub {repo_id}: not a valid repository id ({e})") from None
+    if "/" not in repo_id:
+        raise CheckpointError(f"--push-to-hub {repo_id}: name the repository as ORG/NAME (or USER/NAME)")
+
+
 def hub_token() -> str:
-    token = next((os.environ[v] for v in TOKEN_VARIABLES if os.environ.get(v)), None)
+    """The token huggingface_hub itself would use (``get_token``: HF_TOKEN, then the saved ``hf auth
+    login``), checked before anything is exported."""
+    from huggingface_hub import constants, get_token
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import; the variable is read again here so
+    # one set later in this process still refuses rather than ends in a connection error.
+    if (
+        constants.is_offline_mode()
+        or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    ):
+        raise CheckpointError(
+            "--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, "
+            "or export without --push-to-hub"
+        )
+    token = get_token()
     if token is None:
         raise CheckpointError(
-            f"--push-to-hub needs a Hugging Face token: set {TOKEN_VARIABLES[0]} (a write token from your hub settings)"
+            "--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN "
+            "(a write token from your hub settings)"
         )
     return token
 
 
-def push_folder(folder: Path, repo_id: str, token: str) -> str:
-    """Upload the exported folder as it is. timm's push_to_hf_hub would re-save into a temporary folder
-    and write its own card, so the folder we tested locally would not be what lands on the hub."""
+def push_folder(
+    folder: Path, repo_id: str, token: str, *, private: bool = False, revision: str | None = None
+) -> str:
+    """Upload the exported folder as it is, in one commit (the hub applies all of it or none), and return
+    the commit's URL. timm's push_to_hf_hub would re-save into a temporary folder and keep an existing
+    card, so the folder we tested locally would not be what lands on the hub."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token, library_name="timm-cskd")
-    repo = api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message="Add timm-cskd model")
-    return repo.repo_id
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=str(folder),
+            revision=revision,
+            commit_message="Add timm-cskd model",
+            # Weights of an earlier upload would sit beside ours, and timm <= 1.0.28 prefers a .bin.
+            delete_patterns=STALE_WEIGHTS,
+        )
+    # Whatever the client raises (HTTP status, network, its own checks), the commit did not land.
+    except Exception as e:
+        raise UploadError(
+            f"--push-to-hub {repo_id}: the upload failed ({type(e).__name__}: {e}); a hub commit lands "
+            f"whole or not at all, and the export in {folder} is complete: rerun to upload it"
+        ) from e
+    return commit.commit_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,23 +400,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics", default=None, help="metrics.json from timm_cskd.evaluate for the model card"
     )
-    parser.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="also upload the folder")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="the card's name for the dataset the metrics were measured on, e.g. a hub dataset id "
+        "(default: the evaluated --data-dir folder's name)",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="ORG/NAME",
+        help="also upload the folder to this hub repository (created if missing), with the token of "
+        "`hf auth login` or HF_TOKEN",
+    )
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repository private (an existing one keeps its visibility)",
+    )
+    parser.add_argument(
+        "--revision", default=None, help="branch to commit to (created from main if missing; default: main)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        token = hub_token() if args.push_to_hub else None
+        token = None
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)
+            token = hub_token()
+        else:
+            for flag in ("private", "revision"):
+                if getattr(args, flag):
+                    raise CheckpointError(f"--{flag} is for the upload: add --push-to-hub ORG/NAME")
         out = export(
-            args.checkpoint, args.output, ema=args.ema, model_name=args.model, metrics_file=args.metrics
+            args.checkpoint,
+            args.output,
+            ema=args.ema,
+            model_name=args.model,
+            metrics_file=args.metrics,
+            repo_id=args.push_to_hub,
+            revision=args.revision,
+            dataset=args.dataset,
         )
         print(f"exported to {out}: load with timm.create_model('local-dir:{out}', pretrained=True)")
         if args.push_to_hub:
-            print(f"uploaded to https://huggingface.co/{push_folder(out, args.push_to_hub, token)}")
+            url = push_folder(out, args.push_to_hub, token, private=args.private, revision=args.revision)
+            name = hub_name(args.push_to_hub, args.revision)
+            print(f"uploaded to {url}: load with timm.create_model('{name}', pretrained=True)")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except UploadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

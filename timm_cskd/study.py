@@ -29,8 +29,8 @@ experiment folder), ``eval/`` (``metrics.json``, ``reliability.json``, ``predict
 whose settings changed is refused unless ``--overwrite``, a failed one is reported and the others go on.
 The study writes ``study.json`` (for ``timm_cskd.figures``), ``study.md`` (the paper's tables, mean ±
 sample std over seeds; differences from the baseline with Welch's t; the calibration regime in words, as
-``timm_cskd.study_report`` writes them from a study folder), ``study.csv`` (one row per run and metric)
-and ``reliability_<dataset>.png``. Nothing is downloaded.
+``timm_cskd.study_report`` writes them from a study folder), ``study.csv`` (one row per run and metric),
+``results.csv`` (timm validate.py's results columns, one row per run) and ``reliability_<dataset>.png``. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from timm_cskd.data.index import find_split
 from timm_cskd.figures import FiguresError, figures_for_study
 from timm_cskd.methods import LEGACY_KWARGS, get_method, method_hparams
 from timm_cskd.reliability import load_bins, plot_reliability_overlay
+from timm_cskd.results import TIMM_COLUMNS, results_row, write_results
 from timm_cskd.run_lock import RunLock, RunLockedError
 from timm_cskd.study_report import analysis_lines
 from timm_cskd.study_tables import dataset_table
@@ -93,6 +94,7 @@ __all__ = [
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_imagenet.py"
 CELL_RECORD = "cell.json"
+RESULTS_FILE = "results.csv"
 TRAINER_CONFIG = "trainer.yaml"
 TRAIN_DIR, EVAL_DIR = "train", "eval"
 TRAIN_LOG, EVAL_LOG = "train.log", "eval.log"
@@ -935,6 +937,18 @@ def _markdown(study: Study, tables: dict[str, list[str]], diagrams: dict[str, Pa
     return "\n".join(lines) + "\n"
 
 
+def _write_timm_results(study: Study, finished: list[tuple[Cell, dict]]) -> Path:
+    """``results.csv``: timm validate.py's results columns, a row per evaluated cell after its dataset,
+    label, method and seed, so a study's runs merge with a timm user's tables."""
+    rows = [
+        {"dataset": c.dataset, "label": c.row.label, "method": c.row.method, "seed": c.seed, **results_row(m)}
+        for c, m in finished
+    ]
+    return write_results(
+        study.output / RESULTS_FILE, rows, columns=("dataset", "label", "method", "seed", *TIMM_COLUMNS)
+    )
+
+
 def summarise(study: Study) -> list[Path]:
     """Write ``study.json``, ``study.csv``, ``study.md`` and each dataset's ``reliability_<dataset>.png``
     from the cells evaluated so far; returns the files written."""
@@ -982,6 +996,7 @@ def summarise(study: Study) -> list[Path]:
             writer.writerow([cell.dataset, cell.row.method, cell.row.label, cell.seed, key, repr(value)])
     _write_atomic(study.output / "study.csv", buffer.getvalue())
     written.append(study.output / "study.csv")
+    written.append(_write_timm_results(study, finished))
 
     tables, diagrams = {}, {}
     for dataset in study.datasets:
