@@ -509,7 +509,7 @@ def hub_export(tmp_path):
     checkpoint = tmp_path / "good.pth.tar"
     torch.save({"state_dict": model.state_dict(), "arch": "resnet18", "num_classes": 3}, checkpoint)
     metrics = {"top1_err": 12.5, "top5_err": 1.25, "nll": 0.4375, "ece": 3.5, "brier": 0.2, "num_samples": 80,
-               "evaluated": {"model": "resnet18", "dataset": "fmnist100", "split": "val"}}  # fmt: skip
+               "ece_bins": 15, "evaluated": {"model": "resnet18", "dataset": "fmnist100", "split": "val"}}  # fmt: skip
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     return checkpoint, tmp_path / "metrics.json", metrics
 
@@ -555,6 +555,10 @@ def test_push_to_hub_with_the_saved_login_uploads_the_export_to_the_named_reposi
     assert card.data.library_name == "timm" and card.data.model_name == "my-org/resnet18-cskd"
     measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert measured == {k: metrics[k] for k in ("top1_err", "top5_err", "ece", "nll")}
+    ece_names = {r.metric_name for r in card.data.eval_results if r.metric_type == "ece"}
+    assert ece_names == {"ECE, 15 bins (%)"} and "| ECE, 15 bins (%) | 3.5 |" in card.text, (
+        "evaluate's --ece-bins"
+    )
     assert {(r.dataset_name, r.dataset_split, r.task_type) for r in card.data.eval_results} == {
         ("fmnist100", "val", "image-classification")
     }

@@ -428,6 +428,7 @@ def run(args) -> dict:
                 metrics["conf_gap_ts"],
             )
         metrics["recall_at_1"] = recall_at_1(result, args.recall_chunk)
+        metrics["ece_bins"] = args.ece_bins
         metrics["checkpoint"] = loaded.source
         metrics["ema"] = args.ema
         architecture = model.pretrained_cfg.get("architecture") or (loaded.train_args or {}).get("model", "")

@@ -65,13 +65,20 @@ def checkpoint_metrics(
     return metrics or None
 
 
-# model-index entries: metrics.json key, metric name on the hub.
-CARD_EVAL_METRICS = (
-    ("top1_err", "Top-1 error (%)"),
-    ("top5_err", "Top-5 error (%)"),
-    ("ece", "ECE, 20 bins (%)"),
-    ("nll", "NLL"),
-)
+def ece_bins(metrics: dict | None, train_args: dict) -> int:
+    """The bins the card's ECE was measured with: evaluate records them in metrics.json; a training
+    run's summary.csv used its --ece-bins (20, the paper's, unless set)."""
+    return int((metrics or {}).get("ece_bins") or train_args.get("ece_bins") or 20)
+
+
+def card_eval_metrics(bins: int) -> tuple[tuple[str, str], ...]:
+    """model-index entries: metrics.json key, metric name on the hub."""
+    return (
+        ("top1_err", "Top-1 error (%)"),
+        ("top5_err", "Top-5 error (%)"),
+        ("ece", f"ECE, {bins} bins (%)"),
+        ("nll", "NLL"),
+    )
 
 
 def card_dataset(
@@ -100,6 +107,7 @@ def model_card(
     """The card: huggingface_hub's metadata (``model-index`` with the measured metrics, which the hub
     shows and parses; timm's ``generate_readme`` writes none), the recipe and the metrics table."""
     args = loaded.train_args or {}
+    bins = ece_bins(metrics, args)
     dataset_name, split = dataset
     eval_results = [
         EvalResult(
@@ -111,7 +119,7 @@ def model_card(
             metric_name=label,
             metric_value=float(metrics[key]),
         )
-        for key, label in CARD_EVAL_METRICS
+        for key, label in card_eval_metrics(bins)
         if metrics and key in metrics
     ]
     data = ModelCardData(
@@ -158,7 +166,7 @@ def model_card(
         names = [
             ("top1_err", "top-1 error (%)"),
             ("top5_err", "top-5 error (%)"),
-            ("ece", "ECE, 20 bins (%)"),
+            ("ece", f"ECE, {bins} bins (%)"),
             ("nll", "NLL"),
             ("brier", "Brier"),
             ("recall_at_1", "recall@1 (%)"),
