@@ -19,6 +19,10 @@ of the main process and its workers together (steadier than wall time on a share
 - timm-cskd uint8 path: ``create_train_loader`` as the trainer builds it (uint8 + device prep).
 - DALI: ``--data-backend dali`` (its output is normalised float32 on the device).
 
+It also prints what seeding each sample's augmentation costs (``seeded_rngs``) in a loader worker, where the
+generators are the worker's own and only seeded, and in the main process (``-j 0``), which saves and restores
+python's, NumPy's and torch's states around each sample.
+
 ``--draft`` also measures what decoding at reduced scale (PIL ``Image.draft``, JPEG DCT scaling) would
 save where the random-resized crop is at least twice the output size on both sides.
 
@@ -51,6 +55,7 @@ from timm_cskd.data.loader import (
     create_batch_sampler,
     create_train_loader,
     init_loader_worker,
+    seeded_rngs,
     train_transform_kwargs,
 )
 from timm_cskd.distributed import Context
@@ -188,6 +193,36 @@ def epoch_rate(loader, epoch: int, device: torch.device) -> tuple[float, float]:
     return images_seen / (time.perf_counter() - start), 1e3 * (cpu_seconds() - cpu) / images_seen
 
 
+def _seeding_us(calls: int) -> float:
+    start = time.perf_counter()
+    for seed in range(calls):
+        with seeded_rngs(seed):
+            pass
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+class _SeedingInWorker(torch.utils.data.Dataset):
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, _index: int) -> float:
+        return _seeding_us(self.calls)
+
+
+def seeding_cost(calls: int = 2000) -> str:
+    """Microseconds per sample of ``seeded_rngs`` in a loader worker and in the main process (best of 3)."""
+    loader = torch.utils.data.DataLoader(_SeedingInWorker(calls), batch_size=None, num_workers=1)
+    worker = min(float(next(iter(loader))) for _ in range(3))
+    main_process = min(_seeding_us(calls) for _ in range(3))
+    return (
+        f"per-sample seeding: {worker:.1f} us in a loader worker, {main_process:.1f} us in the main process "
+        "(-j 0: python, NumPy and torch states saved and restored)"
+    )
+
+
 def draft_savings(index, samples: int = 400) -> str:
     """What PIL's reduced-scale JPEG decoding would save: per file, the crop timm's random-resized crop
     draws (area 8-100%, ratio 3/4-4/3); where it is at least 2x the 224 output on both sides the file
@@ -292,6 +327,7 @@ def main():
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 rates[name].append(epoch_rate(loaders[name], r + 1, device))
         draft = draft_savings(index) if args.draft else None
+        seeding = seeding_cost()
         kb = sum(Path(index.full_path(i)).stat().st_size for i in range(len(index))) / 1e3 / len(index)
 
     source = args.data_dir or (
@@ -313,6 +349,7 @@ def main():
             f"| {name} | {best:.0f} | {best / args.workers:.0f} | {best / base:.2f}x | {cpu:.1f} "
             f"| {sizes[name]:,.0f} |"
         )
+    print(seeding)
     if draft:
         print(draft)
 

@@ -39,6 +39,7 @@ __all__ = [
     "create_val_loader",
     "init_loader_worker",
     "resolve_pin_memory",
+    "seeded_rngs",
     "SignalSafeDataLoader",
 ]
 
@@ -95,16 +96,16 @@ class ImageIndexDataset(Dataset):
                     )
                 i = self._replacement(i)
         if isinstance(self.transform, list | tuple):
-            with _seeded(seed):
+            with seeded_rngs(seed):
                 img = tuple(transform(img) for transform in self.transform)
         elif self.transform is not None:
-            with _seeded(seed):
+            with seeded_rngs(seed):
                 img = self.transform(img)
         return (img, target) if seed is None else (img, target, seed)
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None):
+def seeded_rngs(seed: int | None):
     """Run timm's transforms from ``seed``: python's ``random``, torch's CPU generator and NumPy's global
     RNG (RandAugment and AugMix draw their operations from it). In the main process (``-j 0``) all three
     are left as they were; a loader worker's generators are its own and every sample reseeds them, so
