@@ -94,3 +94,14 @@ def test_packaged_grids_and_their_base_configs_resolve_outside_the_repository(tm
     assert planned.cells[0].train_command()[:3] == [sys.executable, "-m", "timm_cskd.train"]
     with pytest.raises(study.StudyError, match="base config: config 'dmeo' is neither"):
         study.plan_study(tmp_path / "out", {"d": data}, ["ce"], base_config="dmeo")
+
+
+def test_train_without_config_or_data_is_the_packaged_demo_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("demo").write_text("model: not_the_demo\n")  # a file named like the config does not replace it
+    started = []
+    monkeypatch.setattr(trainer, "run", started.append)
+    assert cli.main(["train", "--epochs", "1"]) == 0
+    (args,) = started
+    assert args.config == str(CONFIG_DIR / "demo.yaml") and args.data_dir is None
+    assert (args.model, args.experiment, args.epochs) == ("resnet18", "demo", 1)

