@@ -1,18 +1,16 @@
 #!/usr/bin/env python3
 """Train timm models with Class-wise Self-Knowledge Distillation (CS-KD).
 
-    torchrun --nproc_per_node=8 train_imagenet.py -c configs/resnet50_cskd.yaml --data-dir /imagenet
-    python train_imagenet.py          # the demo: configs/demo.yaml on the bundled MNIST digits, CPU
+    torchrun --nproc_per_node=8 train_imagenet.py -c resnet50_cskd --data-dir /imagenet
+    python train_imagenet.py          # the demo: the packaged demo config on the bundled MNIST digits, CPU
 
-Flags override the YAML; `python train_imagenet.py --help` lists them.
+The same command as ``timm-cskd train`` and ``python -m timm_cskd.train``; flags override the YAML,
+`python train_imagenet.py --help` lists them.
 """
 
 import sys
-from pathlib import Path
 
-from timm_cskd.train import main
-
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+from timm_cskd.train import cli
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=DEMO_CONFIG))
+    sys.exit(cli())

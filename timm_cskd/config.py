@@ -1,7 +1,9 @@
 """Command line and YAML configuration, following timm's train.py conventions.
 
 ``-c/--config FILE.yaml`` supplies defaults, flags on the command line override them, and the resolved
-configuration is written to ``args.yaml`` in the experiment folder. A YAML key that is not a flag is an
+configuration is written to ``args.yaml`` in the experiment folder. ``-c NAME`` (no ``.yaml``, no folder,
+not a file here) names a recipe shipped in the package (``timm_cskd/configs/``), so an installed wheel
+runs them from any folder. A YAML key that is not a flag is an
 error naming the closest valid key, so a typo never silently falls back to a default.
 """
 
@@ -15,11 +17,48 @@ from pathlib import Path
 import yaml
 from timm.utils import ParseKwargs
 
-__all__ = ["ConfigError", "REFUSED", "build_parser", "parse_args", "load_yaml_defaults", "refused_settings"]
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigError",
+    "DEMO_CONFIG",
+    "REFUSED",
+    "build_parser",
+    "config_names",
+    "load_yaml_defaults",
+    "parse_args",
+    "refused_settings",
+    "resolve_config",
+]
 
 
 class ConfigError(ValueError):
     """A configuration file or flag combination that cannot run."""
+
+
+# The recipes shipped as package data; the repository's top-level configs/ links to this folder.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"  # what the trainer runs with neither --config nor --data-dir
+
+
+def config_names() -> list[str]:
+    """The packaged configs' names, sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(ref: str | os.PathLike) -> Path:
+    """The file ``ref`` means: an existing file or any path as given (a missing one is reported by its
+    reader), else a packaged config's name; a name that is not packaged is an error listing those that are."""
+    path = Path(ref)
+    text = str(ref)
+    is_name = text and not text.endswith((".yaml", ".yml")) and "/" not in text and os.sep not in text
+    if path.is_file() or not is_name:
+        return path
+    packaged = CONFIG_DIR / f"{text}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"config '{text}' is neither a file nor a packaged config; packaged: {', '.join(config_names())}"
+    )
 
 
 # timm train.py flags this trainer accepts but cannot honour when set: (timm's default, why).
@@ -92,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         default=None,
-        help="YAML file of defaults (a timm args.yaml works); flags override it",
+        help="YAML file of defaults (a timm args.yaml works) or a packaged config's name "
+        "(resnet50_cskd, demo, ...); flags override it",
     )
 
     def refused(group, *names, **kwargs):
@@ -559,8 +599,9 @@ def _valid_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict:
-    """Read a YAML config; keys may use dashes or underscores. Unknown keys name the closest valid one."""
-    path = Path(path)
+    """Read a YAML config (a path or a packaged config's name); keys may use dashes or underscores.
+    Unknown keys name the closest valid one."""
+    path = resolve_config(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -663,6 +704,7 @@ def parse_args(
     if config is None and pre.data_dir is None and default_config is not None:
         config = default_config
     if config is not None:
+        config = resolve_config(config)
         defaults = load_yaml_defaults(config, parser)
         _yield_method_to_command_line(defaults, pre)
         parser.set_defaults(**defaults)

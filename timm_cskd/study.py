@@ -9,7 +9,7 @@ Everything after ``--`` goes to every trainer run. A ``--methods`` entry is a me
 hyper-parameters, ``cskd:temperature=1,lambda=2``; ``--sweep cskd temperature=1,4 lambda=1,2,3,4`` adds
 one row per combination. A ``--grid`` YAML file holds the same (flags override its entries):
 
-    base_config: configs/demo.yaml          # paths are relative to the current folder, as on the command line
+    base_config: demo                       # a packaged config's name, or a path relative to the current folder
     output: output/studies/fmnist
     datasets: {fmnist100: data/fmnist100}   # name: data dir (or a list of dirs, named by their folder)
     seeds: [0, 1, 2]
@@ -60,7 +60,7 @@ import numpy as np
 import yaml
 
 from timm_cskd import evaluate
-from timm_cskd.config import ConfigError, load_yaml_defaults
+from timm_cskd.config import ConfigError, load_yaml_defaults, resolve_config
 from timm_cskd.config import build_parser as trainer_parser
 from timm_cskd.data.index import find_split
 from timm_cskd.figures import FiguresError, figures_for_study
@@ -92,7 +92,8 @@ __all__ = [
     "summarise",
 ]
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_imagenet.py"
+# The trainer as a module of the installed package (what train_imagenet.py and `timm-cskd train` run).
+TRAINER_MODULE = ["-m", "timm_cskd.train"]
 CELL_RECORD = "cell.json"
 RESULTS_FILE = "results.csv"
 TRAINER_CONFIG = "trainer.yaml"
@@ -389,8 +390,6 @@ def plan_study(
     mapping or list of them (``{method, label?, kwargs?, KEY: [values]}``); ``datasets`` maps names to
     data dirs (or lists dirs). Nothing is written.
     """
-    if not TRAIN_SCRIPT.is_file():
-        raise StudyError(f"{TRAIN_SCRIPT} not found: run the study from a source checkout of timm-cskd")
     trainer_args = [
         str(a) for a in (shlex.split(trainer_args) if isinstance(trainer_args, str) else trainer_args)
     ]
@@ -399,7 +398,10 @@ def plan_study(
         raise StudyError("no study folder: pass --output DIR (or output: in the grid file)")
     output = Path(output).expanduser().resolve()
     datasets = _datasets(datasets)
-    base_config = Path(base_config) if base_config is not None else None
+    try:
+        base_config = resolve_config(base_config) if base_config is not None else None
+    except ConfigError as e:
+        raise StudyError(f"base config: {e}") from e
     trainer_config, base_kwargs = _trainer_config(base_config)
     rows = _method_rows(methods or [], base_kwargs) + _sweep_rows(sweep or [], base_kwargs)
     if not rows:
@@ -428,7 +430,7 @@ def plan_study(
     )
 
     nproc = int(nproc_per_node)
-    launcher = [sys.executable, str(TRAIN_SCRIPT)]
+    launcher = [sys.executable, *TRAINER_MODULE]
     if nproc > 1:
         launcher[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     # What every cell shares; with a cell's own entries, its settings.
@@ -506,8 +508,9 @@ def _eval_argv(folder: Path, checkpoint: str, data_dir: Path, calib: str | None,
 
 
 def load_grid(path) -> dict:
-    """A grid YAML file as ``plan_study`` keyword arguments; an unknown key names the closest valid one."""
-    path = Path(path)
+    """A grid YAML file (a path or a packaged grid's name) as ``plan_study`` keyword arguments; an unknown
+    key names the closest valid one."""
+    path = resolve_config(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:

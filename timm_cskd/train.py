@@ -1,7 +1,8 @@
 """The training job behind ``train_imagenet.py``: DDP from torchrun's environment, torch AMP, CS-KD as a
 timm TrainingTask, timm's optimizer/scheduler/EMA, exact mid-epoch resume and SIGTERM checkpoints.
 
-``run(args)`` trains and returns the final validation metrics; ``main(argv)`` is the command line.
+``run(args)`` trains and returns the final validation metrics; ``main(argv)`` is the command line and
+``cli(argv)`` the command users run (``timm-cskd train``, ``python -m timm_cskd.train``), the demo by default.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from timm.utils.model import unwrap_model
 
 from timm_cskd import build
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import ConfigError, dump_args, parse_args
+from timm_cskd.config import DEMO_CONFIG, ConfigError, dump_args, parse_args
 from timm_cskd.data.index import DataIndexError
 from timm_cskd.data.loader import (
     SeededBatches,
@@ -826,3 +827,13 @@ def main(argv: list[str] | None = None, default_config: str | os.PathLike | None
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The trainer's command (``timm-cskd train``, ``python -m timm_cskd.train``, ``train_imagenet.py``):
+    with neither ``--config`` nor ``--data-dir`` it runs the demo."""
+    return main(argv, default_config=DEMO_CONFIG)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
