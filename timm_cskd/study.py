@@ -1,5 +1,6 @@
 """Studies: the paper's tables for your data. A grid of datasets x methods x seeds (plus hyper-parameter
-sweeps), each cell an ordinary ``train_imagenet.py`` run evaluated by ``timm_cskd.evaluate``.
+sweeps), each cell an ordinary ``timm-cskd train`` run (``python -m timm_cskd.train``) evaluated by
+``timm_cskd.evaluate``.
 
     python -m timm_cskd.study -c configs/demo.yaml --data-dir data/fmnist100 --methods ce cskd \\
         --seeds 0 1 2 --output output/studies/fmnist -- --epochs 40
@@ -127,7 +128,7 @@ TRAINER_OWNED = {
     "cskd_mode": "--methods",
     "cskd_temperature": "--methods",
     "cskd_lambda": "--methods",
-    "list_methods": "python train_imagenet.py --list-methods",
+    "list_methods": "timm-cskd train --list-methods",
     "seed": "--seeds",
     "output": "--output",
     "experiment": "--output",
@@ -914,7 +915,7 @@ def _markdown(study: Study, tables: dict[str, list[str]], diagrams: dict[str, Pa
     lines = [
         f"# Study {study.output.name}",
         "",
-        f"Trainer: `train_imagenet.py {trainer}`; evaluation of {evaluation}.",
+        f"Trainer: `timm-cskd train {trainer}`; evaluation of {evaluation}.",
         "",
         legend,
     ]
