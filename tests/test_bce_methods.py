@@ -22,11 +22,11 @@ def data_dir(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("bce"), val_per_class=2)
 
 
-def bce_trainer(data_dir, tmp_path, method, *extra, kwargs=("temperature=3", "lambda=2")):
+def bce_trainer(data_dir, tmp_path, method, *extra, kwargs=("temperature=3", "lambda=2"), model="test_vit"):
     # test_vit: no BatchNorm or dropout, so forwarding the same images again gives the same logits.
     return Trainer(
         parse_args(["--data-dir", str(data_dir), "--output", str(tmp_path), "--experiment", method,
-                    "--model", "test_vit", "--img-size", "32", "-j", "0", "--method", method, "-b", "4",
+                    "--model", model, "--img-size", "32", "-j", "0", "--method", method, "-b", "4",
                     "--bce-loss", "--method-kwargs", *kwargs, *extra])
     )  # fmt: skip
 
@@ -107,6 +107,28 @@ def test_cskd_paired_with_bce_sum_is_bce_on_both_halves_plus_the_symmetric_kl(da
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out["ce"].item() == pytest.approx(bce.item(), rel=1e-5)
     trainer.close()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if cls.bce_loss))
+def test_every_method_that_takes_bce_logs_the_bce_of_its_logits_as_its_task_term(data_dir, tmp_path, name):
+    cls = METHODS[name]
+    trainer = bce_trainer(
+        data_dir, tmp_path, name, "--bce-target-thresh", "0.3", kwargs=(), model="test_resnet"
+    )
+    views = len(cls.views(trainer.args.method_kwargs))
+    y = torch.tensor([0, 2, 0, 2]) if cls.batches == "paired" else torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    y = y[:4] if cls.batches == "plain" else y
+    g = torch.Generator().manual_seed(2)
+    images = [torch.randn(len(y), 3, 32, 32, generator=g) for _ in range(views)]
+    out = trainer.task(images[0] if views == 1 else images, y)
+    trainer.close()
+    # The logits are the anchors' (anchor layout) or every image's; ddgsd's are both views', and its task
+    # term is CE(a) + CE(b), twice their mean.
+    logit_targets = y[:4] if cls.batches == "anchor" else torch.cat([y] * views)
+    per_view = views if cls.batches == "plain" else 1
+    expected = per_view * explicit_bce(out["output"], smoothed_onehot(logit_targets, 0.1), threshold=0.3)
+    assert out["ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if not cls.bce_loss))

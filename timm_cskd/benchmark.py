@@ -14,7 +14,8 @@ backward, GradScaler for float16, clipping, optimizer and EMA update) of the met
 flags, on synthetic inputs laid out as its sampler and views deliver them (``cskd``: -b anchors and as
 many partners, forwarded under no_grad), so decoding and augmentation cost it nothing: ``--warmup``
 untimed steps (the compile with --torchcompile, cuDNN's autotuning), then ``--rounds`` rounds of
-``--steps`` steps, the device synchronised around each, and the median round. The loader side is the
+``--steps`` steps, the device synchronised around each, and the median round. Every step is an
+optimizer update (with ``--grad-accum-steps N`` the trainer updates on every Nth batch only). The loader side is the
 trainer's torch loader on ``--data-dir``'s training split with the configured augmentation, its
 ``-j`` uint8 workers and the device prep (normalisation, random erasing), nothing consuming its
 batches: ``--rounds`` rounds of ``--loader-batches`` batches after as many warm-up batches as it has
