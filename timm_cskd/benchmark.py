@@ -15,12 +15,14 @@ flags, on synthetic inputs laid out as its sampler and views deliver them (``csk
 many partners, forwarded under no_grad), so decoding and augmentation cost it nothing: ``--warmup``
 untimed steps (the compile with --torchcompile, cuDNN's autotuning), then ``--rounds`` rounds of
 ``--steps`` steps, the device synchronised around each, and the median round. Every step is an
-optimizer update (with ``--grad-accum-steps N`` the trainer updates on every Nth batch only). The loader side is the
-trainer's torch loader on ``--data-dir``'s training split with the configured augmentation, its
-``-j`` uint8 workers and the device prep (normalisation, random erasing), nothing consuming its
-batches: ``--rounds`` rounds of ``--loader-batches`` batches after as many warm-up batches as it has
-workers (at least ``--warmup``). The last line says what fraction of the step's demand the loader
-delivers. Without ``--data-dir`` only the step is measured.
+optimizer update (with ``--grad-accum-steps N`` the trainer updates on every Nth batch only).
+
+The loader side is the trainer's torch loader on ``--data-dir``'s training split with the configured
+augmentation, its ``-j`` uint8 workers and the device prep (normalisation, random erasing), nothing
+consuming its batches: ``--rounds`` rounds of ``--loader-batches`` batches after as many warm-up batches
+as it has workers (at least ``--warmup``). The last line says what fraction of the step's demand the
+loader delivers. Without ``--data-dir`` only the step is measured. ``train_imagenet.py --help`` lists
+the trainer's flags.
 """
 
 from __future__ import annotations
