@@ -1,8 +1,9 @@
 """Fused CSKDLoss vs the unfused PyTorch composition (log_softmax + kl_div + cross_entropy).
 
-Forward + backward on (batch x classes) logits, float32 and bfloat16, timed interleaved in one run, and
-the peak extra memory of one step: CUDA's allocator peak on a GPU, or on CPU the peak-RSS growth of a
-fresh child process per variant (one process each so no allocator cache carries over).
+Forward + backward on (batch x classes) logits, float32 and bfloat16, timed interleaved in one run
+(``timm_cskd.throughput.time_rounds``; the best round is reported), and the peak extra memory of one
+step: CUDA's allocator peak on a GPU, or on CPU the peak-RSS growth of a fresh child process per variant
+(one process each so no allocator cache carries over).
 
     python benchmarks/loss_kernel.py                 # CPU
     python benchmarks/loss_kernel.py --device cuda   # GPU
@@ -11,16 +12,17 @@ fresh child process per variant (one process each so no allocator cache carries 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from timm_cskd import cskd_loss
+from timm_cskd.throughput import time_rounds
 
 SHAPES = [(512, 1000), (2048, 1000)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,26 +54,17 @@ def step(fn, logits, target, partner):
     fn(logits, target, partner).backward()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_pair(shape, dtype, device, iters, rounds):
+    """The best round's seconds per step of each variant (3 warm-up steps each, interleaved rounds)."""
     inputs = make_inputs(shape, dtype, device)
-    for fn in VARIANTS.values():
-        for _ in range(3):
-            step(fn, *inputs)
-    best = {name: float("inf") for name in VARIANTS}
-    for _ in range(rounds):
-        for name, fn in VARIANTS.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(iters):
-                step(fn, *inputs)
-            sync(device)
-            best[name] = min(best[name], (time.perf_counter() - start) / iters)
-    return best
+    times = time_rounds(
+        {name: functools.partial(step, fn, *inputs) for name, fn in VARIANTS.items()},
+        rounds=rounds,
+        calls=iters,
+        warmup=3,
+        device=device,
+    )
+    return {name: min(t) for name, t in times.items()}
 
 
 def peak_bytes_cuda(name, shape, dtype, device):

@@ -6,8 +6,9 @@ Each method is built through the registry with its default hyper-parameters arou
 optimizer on synthetic data shaped as its declarations ask: ``batches`` (plain images, anchors + as many
 same-class partners, or same-class pairs) and one batch per augmented view (``views``), with the batch the
 trainer's ``-b`` gives it: ``--batch-size`` anchors (each with a partner) in anchor batches, images
-otherwise. Methods are interleaved round by round so machine noise hits them alike; the table gives the
-median round.
+otherwise. Each step is the trainer's (``timm_cskd.step.train_step``), timed with
+``timm_cskd.throughput.time_rounds``: methods interleaved round by round so machine noise hits them alike,
+the device synchronised around each round, the table giving the median round.
 
 The data is random tensors, so augmentation and decoding (a second view is a second one of each) are not
 in these times: "images loaded" says what the loader has to deliver per step. Forward/backward counts the
@@ -27,7 +28,6 @@ import argparse
 import contextlib
 import copy
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import timm
@@ -36,6 +36,8 @@ import torch.nn as nn
 from timm.task.distillation import DistillationTeacher
 
 from timm_cskd.methods import LISTING_ORDER, METHODS, KDConfig, Method, get_method, method_hparams
+from timm_cskd.step import train_step
+from timm_cskd.throughput import time_rounds
 
 KD = "ce + KD"
 
@@ -162,32 +164,27 @@ def main():
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
     )
 
-    def steps(entry: Entry, n: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            entry.optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                loss = entry.task(entry.input, entry.target)["loss"]
-            loss.backward()
-            entry.optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+    def step(entry: Entry):
+        # The trainer's step (forward under autocast, backward, optimizer update).
+        return lambda: train_step(entry.task, entry.optimizer, entry.input, entry.target, autocast=autocast)
 
-    for entry in entries:  # one untimed step counts the images each pass sees, then the warm-up
+    for entry in entries:  # one untimed step counts the images each pass sees
         student = entry.counter
         student.grad = student.no_grad = teacher_counter.grad = teacher_counter.no_grad = 0
-        steps(entry, 1)
+        step(entry)()
         entry.passes = f"fwd {student.grad} + {student.no_grad} no_grad"
         if teacher_counter.no_grad:
             entry.passes += f" + teacher {teacher_counter.no_grad}"
         entry.passes += f", bwd {student.grad}"
-        steps(entry, args.warmup)
-    for _ in range(args.rounds):
-        for entry in entries:
-            entry.times.append(steps(entry, args.steps) / args.steps)
+    times = time_rounds(
+        {entry.name: step(entry) for entry in entries},
+        rounds=args.rounds,
+        calls=args.steps,
+        warmup=args.warmup,
+        device=device,
+    )
+    for entry in entries:
+        entry.times = times[entry.name]
 
     name = (
         torch.cuda.get_device_name(device)

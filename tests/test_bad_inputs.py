@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import PLAIN_RECIPE, make_tiny_dataset
 
-from timm_cskd import compare, evaluate, export, figures, study
+from timm_cskd import benchmark, compare, evaluate, export, figures, study
 from timm_cskd import train as trainer
 from timm_cskd.data import prepare, verify
 from timm_cskd.data.index import ImageIndex
@@ -41,6 +41,7 @@ TOOLS = {
     "study": study.main,
     "prepare": prepare.main,
     "verify": verify.main,
+    "benchmark": benchmark.main,
 }
 
 
@@ -232,7 +233,8 @@ ROWS = [
     Row("aug-repeats-half", "train", train_args("--aug-repeats", "0.5"), "--aug-repeats must be 0", early=True),
     Row("mixup-with-ddgsd", "train", train_args("--method", "ddgsd", "--mixup", "0.2"), "does not compose",
         early=True),
-    Row("bce-with-cskd", "train", train_args("--bce-loss"), "--bce-loss replaces", early=True),
+    Row("bce-with-adacos", "train", train_args("--bce-loss", "--method", "adacos"),
+        "--method adacos does not combine with --bce-loss", early=True),
     Row("loss-weight-without-teacher", "train", train_args("--distill-loss-weight", "0.5"), "need a teacher",
         early=True),
     Row("argparse-bad-int", "train", train_args("-b", "eight"), "argument -b/--batch-size: invalid int value"),
@@ -312,6 +314,13 @@ ROWS = [
         "--dry-run"], "unknown --method 'cskdd'"),
     Row("study-data-missing", "study", ["--data-dir", "{tmp}/missing", "--methods", "ce", "--output", "{tmp}/s",
         "--dry-run"], "does not exist"),
+    # --- benchmark
+    Row("benchmark-rounds-0", "benchmark", ["--rounds", "0", "--model", "test_resnet", "--device", "cpu"],
+        "--rounds 0: must be >= 1"),
+    Row("benchmark-data-missing", "benchmark", ["--data-dir", "{tmp}/missing", "--model", "test_resnet",
+        "--device", "cpu"], "--data-dir {tmp}/missing does not exist"),
+    Row("benchmark-trainer-flag-typo", "benchmark", ["--model", "test_resnet", "--method", "cskdd"],
+        "unknown --method 'cskdd'"),
     # --- prepare and verify
     Row("prepare-source-missing", "prepare", ["--source", "{tmp}/missing", "--output", "{tmp}/p"], "{tmp}/missing"),
     Row("verify-data-missing", "verify", ["--data-dir", "{tmp}/missing", "--output", "{tmp}/u.txt"],

@@ -370,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     refused(g, "--aug-splits", type=int, default=0)
     refused(g, "--jsd-loss", action="store_true", default=False)
     g.add_argument(
-        "--bce-loss", action="store_true", default=False, help="timm's BinaryCrossEntropy (with --method ce)"
+        "--bce-loss",
+        action="store_true",
+        default=False,
+        help="timm's BinaryCrossEntropy as the task term (with the CS-KD methods: beside their softmax KL)",
     )
     g.add_argument("--bce-sum", action="store_true", default=False)
     g.add_argument("--bce-target-thresh", type=float, default=None)

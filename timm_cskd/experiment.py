@@ -268,11 +268,8 @@ def validate_args(args) -> type[Method]:
             f"--method {args.method} sets its own augmentation policy for one of its views "
             "(--method-kwargs auto_augment=...); --aa would change its standard view too: drop --aa"
         )
-    if args.bce_loss and method_cls.name != "ce":
-        raise ConfigError(
-            f"--bce-loss replaces the softmax cross-entropy of --method ce; --method {args.method} is defined "
-            "on softmax probabilities"
-        )
+    if args.bce_loss and not method_cls.bce_loss:
+        raise ConfigError(f"--method {args.method} does not combine with --bce-loss: {method_cls.bce_note}")
     if method_cls.batches == "paired" and args.batch_size % 2:
         raise ConfigError(
             f"--method {args.method} needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"

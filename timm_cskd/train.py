@@ -7,7 +7,6 @@ timm TrainingTask, timm's optimizer/scheduler/EMA, exact mid-epoch resume and SI
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from timm.utils import dispatch_clip_grad, distribute_bn, update_summary
+from timm.utils import distribute_bn, update_summary
 from timm.utils.model import unwrap_model
 
 from timm_cskd import build
@@ -49,6 +48,7 @@ from timm_cskd.experiment import (
 from timm_cskd.methods import describe_methods, kd_config
 from timm_cskd.run_lock import RunLockedError
 from timm_cskd.scalars import ScalarLog
+from timm_cskd.step import autocast_context, train_step
 from timm_cskd.teacher import load_teacher
 
 __all__ = ["Trainer", "TrainingDivergedError", "run", "main"]
@@ -82,13 +82,6 @@ class TrainState:
     # rank-batches that is: a resumed epoch, on any number of ranks, reports its means whole.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     epoch_count: int = 0
-
-
-def autocast_context(args, device: torch.device):
-    if not args.amp:
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class _StopFlag:
@@ -453,27 +446,20 @@ class Trainer:
         # A method with several augmented views per image gets a list of view batches.
         images = [to_device(v) for v in images] if isinstance(images, list | tuple) else to_device(images)
         target = target.to(ctx.device, non_blocking=True)
-        # DDP all-reduces gradients only on the batch that completes an update.
-        with contextlib.nullcontext() if update else self.task.no_sync():
-            with self.autocast():
-                result = self.task(images, target)
-            loss = result["loss"]
-            scaled = loss / accum if accum > 1 else loss
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        if update:
-            if self.scaler is not None and args.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-            if args.clip_grad:
-                parameters = self.task.get_clip_parameters(exclude_head="agc" in args.clip_mode)
-                dispatch_clip_grad(parameters, args.clip_grad, mode=args.clip_mode)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if args.synchronize_step and ctx.device.type == "cuda":
-                torch.cuda.synchronize()
+        result = train_step(
+            self.task,
+            self.optimizer,
+            images,
+            target,
+            autocast=self.autocast,
+            scaler=self.scaler,
+            accum=accum,
+            update=update,
+            clip_grad=args.clip_grad,
+            clip_mode=args.clip_mode,
+            synchronize=args.synchronize_step,
+        )
+        loss = result["loss"]
         terms = torch.stack([loss.detach(), result["ce"], result["reg"]]).double()
         # Remember the first non-finite step on the device: no host sync until the next agreement.
         self._first_bad_step = torch.where(

@@ -1,8 +1,9 @@
-"""Measurement rows: training throughput per method, eager and compiled; the fused loss vs unfused."""
+"""Measurement rows: training throughput per method, eager and compiled; the fused loss vs unfused; timed
+with ``timm_cskd.throughput`` (synchronised rounds, warm-up excluded, the median round)."""
 
 from __future__ import annotations
 
-import statistics
+import functools
 import time
 
 import torch
@@ -28,6 +29,8 @@ LOSS_SHAPES = [(256, 1000), (1024, 1000)]
 
 def measure_throughput(env: Env) -> list[Row]:
     """CE vs anchor vs paired, eager and compiled (the compile row's model), interleaved rounds."""
+    from timm_cskd.throughput import median, time_rounds, timed
+
     args = env.args
     model = env.shared_model()
     optimizer = make_optimizer(model)
@@ -35,13 +38,8 @@ def measure_throughput(env: Env) -> list[Row]:
     variants = {("eager", m): make_task(model, m) for m in MODES}
     rows: dict[tuple[str, str], Row] = {}
 
-    def run(key, n):
-        env.sync()
-        start = time.perf_counter()
-        for _ in range(n):
-            train_step(env, variants[key], optimizer, batches[key[1]], AMP_DTYPE)
-        env.sync()
-        return (time.perf_counter() - start) / n
+    def step(key):
+        return lambda: train_step(env, variants[key], optimizer, batches[key[1]], AMP_DTYPE)
 
     try:
         compiled = env.compiled_model()
@@ -55,7 +53,7 @@ def measure_throughput(env: Env) -> list[Row]:
     for key in list(variants):
         start = time.perf_counter()
         try:
-            run(key, args.warmup)
+            timed(step(key), args.warmup, env.device)
         except Exception as e:
             # A compiled variant that breaks must not take the eager numbers down with it.
             status = "SKIP" if is_missing_compiler_error(e) else "FAIL"
@@ -63,21 +61,24 @@ def measure_throughput(env: Env) -> list[Row]:
             del variants[key]
         warm[key] = time.perf_counter() - start
 
-    times = {key: [] for key in variants}
-    for r in range(args.rounds):
-        round_s = sum(statistics.median(t) for t in times.values() if t) * args.steps
-        if r and round_s > env.left():
-            break  # fewer rounds, still a table
-        for key in variants:
-            times[key].append(run(key, args.steps))
+    def budget_left(times) -> bool:  # fewer rounds, still a table
+        return sum(median(t) for t in times.values() if t) * args.steps <= env.left()
+
+    times = time_rounds(
+        {key: step(key) for key in variants},
+        rounds=args.rounds,
+        calls=args.steps,
+        device=env.device,
+        more=budget_left,
+    )
 
     for kind in ("eager", "compiled"):
-        base = statistics.median(times[(kind, "off")]) if times.get((kind, "off")) else None
+        base = median(times[(kind, "off")]) if times.get((kind, "off")) else None
         for m in MODES:
             key = (kind, m)
             if key in rows:
                 continue
-            t = statistics.median(times[key])
+            t = median(times[key])
             ips = args.batch_size / t
             ratio = f"{base / t:.3f}x CE images/s" if base else "no CE baseline"
             partners = f" + {args.batch_size} partners no_grad" if m == "anchor" else ""
@@ -114,6 +115,8 @@ def loss_name(shape) -> str:
 
 
 def measure_loss(env: Env, shape: tuple[int, int]) -> Row:
+    from timm_cskd.throughput import median, time_rounds
+
     g = torch.Generator().manual_seed(8)
     logits = (torch.randn(shape, generator=g) * 3).to(env.device, torch.bfloat16).requires_grad_()
     partner = (torch.randn(shape, generator=g) * 3).to(env.device, torch.bfloat16)
@@ -124,19 +127,14 @@ def measure_loss(env: Env, shape: tuple[int, int]) -> Row:
         logits.grad = None
         fn(logits, target, partner).backward()
 
-    for fn in fns.values():
-        for _ in range(3):
-            step(fn)
-    times = {name: [] for name in fns}
-    for _ in range(max(env.args.rounds, 3)):
-        for name, fn in fns.items():
-            env.sync()
-            start = time.perf_counter()
-            for _ in range(env.args.loss_iters):
-                step(fn)
-            env.sync()
-            times[name].append((time.perf_counter() - start) / env.args.loss_iters)
-    t = {name: statistics.median(v) for name, v in times.items()}
+    times = time_rounds(
+        {name: functools.partial(step, fn) for name, fn in fns.items()},
+        rounds=max(env.args.rounds, 3),
+        calls=env.args.loss_iters,
+        warmup=3,
+        device=env.device,
+    )
+    t = {name: median(v) for name, v in times.items()}
     peak = {}
     if env.cuda:
         for name, fn in fns.items():

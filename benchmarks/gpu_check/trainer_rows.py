@@ -206,27 +206,25 @@ def rows_syncs_and_loader(env: Env) -> list[Row]:
 def loader_vs_step(env: Env, trainer) -> Row:
     """The loader's images/s (anchors + partners, its workers at full speed, nothing consuming) beside
     the images/s one GPU step consumes with the data already on the device."""
+    from timm_cskd.throughput import images_in, loader_rates, median, time_rounds
+
     args, loader = env.args, trainer.train_loader
-    trainer.sampler.set_epoch(1)
-    count, start, first = 0, None, None
-    for images, _ in loader:
-        if start is None:
-            start, first = time.perf_counter(), (images, _)
-            continue
-        count += sum(v.shape[0] for v in images) if isinstance(images, list | tuple) else images.shape[0]
-    loader_ips = count / (time.perf_counter() - start)
+    # One epoch less its first batch, which waits on the workers' start.
+    rates = loader_rates(loader, rounds=1, batches=len(loader) - 1, warmup=1, device=env.device)
+    loader_ips = rates[0]
 
     trainer.task.train()
-    images, target = first
-    for i in range(3 + args.demand_steps):
-        if i == 3:
-            env.sync()
-            t0 = time.perf_counter()
+    images, target = next(iter(loader))
+    updates = iter(range(10_000, 10_000 + 3 + args.demand_steps))
+
+    def step():
         trainer._train_step(images, target, 1, True)
-        trainer.task.update_ema(step=10_000 + i)
-    env.sync()
-    step_s = (time.perf_counter() - t0) / args.demand_steps
-    loaded = sum(v.shape[0] for v in images) if isinstance(images, list | tuple) else images.shape[0]
+        trainer.task.update_ema(step=next(updates))
+
+    step_s = median(
+        time_rounds({"step": step}, rounds=1, calls=args.demand_steps, warmup=3, device=env.device)["step"]
+    )
+    loaded = images_in(images)
     demand = loaded / step_s
     per_worker = loader_ips / args.workers
     cores = os.cpu_count() or 1

@@ -151,7 +151,7 @@ def kd_config(args) -> KDConfig | None:
 
 
 def describe_methods() -> str:
-    """What ``--list-methods`` prints: each method, its formula, batches, Mixup and hyper-parameters."""
+    """What ``--list-methods`` prints: each method, its formula, batches, Mixup, BCE and hyper-parameters."""
     lines = []
     names = [n for n in LISTING_ORDER if n in METHODS] + [n for n in METHODS if n not in LISTING_ORDER]
     for name in names:
@@ -160,7 +160,9 @@ def describe_methods() -> str:
         lines.append(f"    {cls.reference}")
         views = len(cls.views({k: h.default for k, h in cls.hparams.items()}))
         mixup = "yes" if cls.mixup else f"no ({cls.mixup_note})"
+        bce = "yes" if cls.bce_loss else f"no ({cls.bce_note})"
         lines.append(f"    batches: {cls.batches}, views per image: {views}, Mixup/CutMix: {mixup}")
+        lines.append(f"    --bce-loss: {bce}")
         for key, h in cls.hparams.items():
             allowed = f" ({h.allowed()})" if h.allowed() else ""
             lines.append(f"    {key}={h.default!r}{allowed}  {h.help}")

@@ -79,6 +79,11 @@ class AdaCos(Method):
     reference = "Zhang et al., CVPR 2019 (arXiv:1905.00292), dynamic AdaCos"
     mixup = False
     mixup_note = "the scale comes from each image's angle to its one true class, which a mixed image lacks"
+    bce_loss = False
+    bce_note = (
+        "its adaptive scale s is derived for the softmax cross-entropy of cosine logits (from the sum of "
+        "exp(s cos) over the other classes, the softmax's normaliser), which one sigmoid per class lacks"
+    )
 
     @classmethod
     def adapt_model(cls, model: nn.Module, hp: dict) -> nn.Module:

@@ -3,14 +3,18 @@
 A method says which batches it trains on (``batches``: plain shuffled images, the paper's class-pair
 anchors with partners, or a partition into same-class pairs), which augmented views of each image
 (``views``), whether it changes the model (``adapt_model``: a cosine head, a bias-free classifier),
-whether Mixup/CutMix makes sense for it, and how its weights map onto the plain timm architecture for
-export. The trainer builds the sampler, the transforms and the model from those declarations, so adding
+whether Mixup/CutMix and timm's ``--bce-loss`` make sense for it, and how its weights map onto the plain
+timm architecture for export. The trainer builds the sampler, the transforms and the model from those declarations, so adding
 a method touches only its module.
 
 Every method computes ``ce`` (its cross-entropy part) and a regulariser; knowledge distillation from a
 teacher (``--kd-model-name``) composes with any of them here, in the base class:
 
     loss = task_weight * CE + method regulariser + distill_weight * T^2 * KL(sg p_teacher || p_student)
+
+With ``--bce-loss`` the task term CE is timm's ``BinaryCrossEntropy`` (one sigmoid per class, its
+``--bce-*`` options, Mixup/CutMix soft targets) and every distillation term stays a KL between softmax
+distributions at its temperature, as timm's own distillation task combines any task loss with a softmax KL.
 
 The teacher (timm's ``DistillationTeacher``) runs in eval mode under ``no_grad`` and the caller's
 autocast, on the images the method's main logits came from, re-normalised by an affine map fixed when
@@ -161,6 +165,9 @@ class Method(TrainingTask):
     batches: ClassVar[str] = "plain"
     mixup: ClassVar[bool] = True
     mixup_note: ClassVar[str] = ""
+    # Whether timm's --bce-loss can stand in for the task term, and why not when it cannot.
+    bce_loss: ClassVar[bool] = True
+    bce_note: ClassVar[str] = ""
 
     @classmethod
     def views(cls, hp: dict) -> list[dict]:
@@ -284,6 +291,21 @@ class Method(TrainingTask):
         if self.bce is not None:
             return self.bce(logits.float(), target)
         return soft_cross_entropy(logits, target, self.smoothing)
+
+    def fused_ce_weight(self) -> float:
+        """The CE weight a fused CS-KD loss of this method gets: 0 under --bce-loss, where only its softmax
+        KL stays and timm's BCE becomes the task term (``with_task_term``)."""
+        return 0.0 if self.bce is not None else self.ce_weight
+
+    def with_task_term(
+        self, loss: torch.Tensor, fused, logits: torch.Tensor, target: torch.Tensor, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss``, built on ``scale`` times the fused CS-KD loss ``fused``, and its weighted task term
+        (detached): the fused CE, or under --bce-loss timm's BCE on ``logits``, added here."""
+        if self.bce is None:
+            return loss, scale * self.ce_weight * fused.last_terms[0]
+        task = scale * self.ce_weight * self.bce(logits.float(), target)
+        return loss + task, task.detach()
 
     def mix(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """timm's batch Mixup/CutMix of ``x`` (a fresh tensor), soft targets and the area-corrected lambda;

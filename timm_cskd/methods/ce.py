@@ -36,6 +36,11 @@ class LabelSmoothing(CrossEntropy):
     formula = "CE(f(x), (1 - eps) onehot(y) + eps / K)"
     reference = "Szegedy et al., CVPR 2016; the paper's Tables 1 and 2"
     hparams = {"smoothing": Hyper(0.1, "eps, spread over all K classes (timm's convention)", low=0, high=1)}
+    bce_loss = False
+    bce_note = (
+        "it is the softmax cross-entropy against smoothed targets; with --bce-loss use --method ce "
+        "--smoothing EPS, which timm's BinaryCrossEntropy applies to its targets"
+    )
 
     def __init__(self, model, hp, **kwargs):
         super().__init__(model, hp, **kwargs)

@@ -15,6 +15,10 @@ Batches arrive as ``[x; x']``: a half, then same-class partners in the same orde
 
 With Mixup/CutMix (timm's ``Mixup`` in batch mode) the anchors are mixed and the KL target is the
 partners' predictions mixed with the same lambda and permutation (the paper's Table 3).
+
+With ``--bce-loss`` (timm's ResNet Strikes Back recipes) the CE term is timm's ``BinaryCrossEntropy`` on the
+same logits and targets (Mixup's soft targets included) and the class-wise KL stays on the softmax at T:
+L = BCE(f(x), y) + lambda * T^2 * KL(...), as timm's distillation task adds a softmax KL to any task loss.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ class _CSKDBase(Method):
 
     def __init__(self, model, hp, **kwargs):
         super().__init__(model, hp, **kwargs)
-        self.criterion = CSKDLoss(hp["temperature"], hp["lambda"], self.smoothing, ce_weight=self.ce_weight)
+        self.criterion = CSKDLoss(
+            hp["temperature"], hp["lambda"], self.smoothing, ce_weight=self.fused_ce_weight()
+        )
 
 
 @register
@@ -71,8 +77,8 @@ class CSKD(_CSKDBase):
             if lam != 1.0:
                 partner_logits = mixed_partner_logits(partner_logits, lam, self.criterion.temperature)
         loss = self.criterion(output, anchor_target, partner_logits)
-        ce, _ = self.criterion.last_terms
-        return loss, self.ce_weight * ce, output, anchors
+        loss, ce = self.with_task_term(loss, self.criterion, output, anchor_target)
+        return loss, ce, output, anchors
 
 
 @register
@@ -87,5 +93,5 @@ class CSKDPaired(_CSKDBase):
     def compute(self, input, target):
         output = self.module(input)
         loss = self.criterion.forward_paired(output, target)
-        ce, _ = self.criterion.last_terms
-        return loss, self.ce_weight * ce, output, input
+        loss, ce = self.with_task_term(loss, self.criterion, output, target)
+        return loss, ce, output, input

@@ -85,7 +85,9 @@ class CSKDE(Method):
 
     def __init__(self, model, hp, **kwargs):
         super().__init__(model, hp, **kwargs)
-        self.criterion = CSKDLoss(hp["temperature"], hp["lambda"], self.smoothing, ce_weight=self.ce_weight)
+        self.criterion = CSKDLoss(
+            hp["temperature"], hp["lambda"], self.smoothing, ce_weight=self.fused_ce_weight()
+        )
         # ce_weight 0: the fused loss is lambda_E * T^2 * KL alone (its target and smoothing go unused).
         self.sample_criterion = CSKDLoss(hp["temperature"], hp["lambda_e"], ce_weight=0.0)
 
@@ -97,6 +99,6 @@ class CSKDE(Method):
         with torch.no_grad():
             partner_logits, standard_logits = self.module(torch.cat([strong[k:], standard[:k]])).split(k)
         loss = self.criterion(output, anchor_target, partner_logits)
-        ce, _ = self.criterion.last_terms
+        loss, ce = self.with_task_term(loss, self.criterion, output, anchor_target)
         loss = loss + self.sample_criterion(output, anchor_target, standard_logits)
-        return loss, self.ce_weight * ce, output, anchors
+        return loss, ce, output, anchors

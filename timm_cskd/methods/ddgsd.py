@@ -12,7 +12,7 @@ linear-kernel maximum mean discrepancy pulls the two views' mean pooled features
 with B images per step: each CE and KL a mean over the B images (KL summed over classes), p_a, p_b the
 softmax at temperature T, sg a stop-gradient, f the pooled penultimate features (``pre_logits``) averaged
 over the B images of this rank's batch, the squared L2 norm summed over feature channels. The logged
-``ce`` is CE(a) + CE(b) (``--smoothing`` applies to both).
+``ce`` is CE(a) + CE(b) (``--smoothing`` applies to both; ``--bce-loss`` makes both timm's BCE).
 
 The CE + KL part is the fused CS-KD loss in its symmetric form over ``[a; b]`` (each half distilled
 towards the other's detached prediction) times 2, since that form averages over all 2B images.
@@ -60,7 +60,9 @@ class DDGSD(Method):
 
     def __init__(self, model, hp, **kwargs):
         super().__init__(model, hp, **kwargs)
-        self.criterion = CSKDLoss(hp["temperature"], hp["lambda"], self.smoothing, ce_weight=self.ce_weight)
+        self.criterion = CSKDLoss(
+            hp["temperature"], hp["lambda"], self.smoothing, ce_weight=self.fused_ce_weight()
+        )
 
     def build_trainable(self, model):
         return WithFeatures(model)
@@ -71,8 +73,9 @@ class DDGSD(Method):
         images = torch.cat(list(input))
         # One forward (one DDP synchronisation, BatchNorm statistics over both views) for logits and features.
         logits, features = self.module(images)
-        loss = 2.0 * self.criterion.forward_paired(logits, torch.cat([target, target]))
-        ce, _ = self.criterion.last_terms
+        targets = torch.cat([target, target])
+        loss = 2.0 * self.criterion.forward_paired(logits, targets)
+        loss, ce = self.with_task_term(loss, self.criterion, logits, targets, scale=2.0)
         f_a, f_b = features.float().chunk(2)
         mmd = (f_a.mean(0) - f_b.mean(0)).pow(2).sum()
-        return loss + self.hp["mu"] * mmd, 2.0 * self.ce_weight * ce, logits, images
+        return loss + self.hp["mu"] * mmd, ce, logits, images

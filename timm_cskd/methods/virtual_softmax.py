@@ -54,6 +54,11 @@ class VirtualSoftmax(Method):
     mixup_note = (
         "the virtual logit is built from the weight of each image's one true class, which a mixed image lacks"
     )
+    bce_loss = False
+    bce_note = (
+        "its loss is the softmax cross-entropy over the class logits and one virtual logit, which competes "
+        "with the true class only inside a softmax; one sigmoid per class gives it nothing to compete in"
+    )
 
     @classmethod
     def adapt_model(cls, model: nn.Module, hp: dict) -> nn.Module:
