@@ -30,7 +30,7 @@ COMMANDS = {
     "prepare": ("timm_cskd.data.prepare:main", "MNIST / Fashion-MNIST / CIFAR files on disk to ImageFolder trees"),
     "verify": ("timm_cskd.data.verify:main", "decode every image once, list those that cannot be decoded"),
     "shards": ("timm_cskd.data.shards:main", "a dataset as shards"),
-    "benchmark": ("timm_cskd.benchmark:main", "measure training throughput"),
+    "benchmark": ("timm_cskd.benchmark:main", "training images/s of a model and method on this device, and whether the loader keeps up"),
 }  # fmt: skip
 
 
