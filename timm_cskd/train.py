@@ -184,6 +184,9 @@ class Trainer:
         self.sampler = (
             batch_sampler.batch_sampler if isinstance(batch_sampler, SeededBatches) else batch_sampler
         )
+        if hasattr(self.sampler, "set_epoch_units"):
+            # Rank-pinned shards: every rank takes as many steps as the largest share needs.
+            self.sampler.set_epoch_units(max(ctx.gather(self.sampler.local_units)))
 
         self.mixup_fn = build.create_mixup(args, num_classes)
         teacher, kd = None, kd_config(args)
