@@ -112,9 +112,18 @@ def _extension(path: str) -> str:
 
 
 def write_split(
-    index, split: str, output: Path, shard_size: int, *, shuffle_seed=None, workers=1, progress=print
+    index,
+    split: str,
+    output: Path,
+    shard_size: int,
+    *,
+    max_samples=None,
+    shuffle_seed=None,
+    workers=1,
+    progress=print,
 ):
-    """Write one split's images as shards; returns (shard entries for the manifest, [(path, error)])."""
+    """Write one split's images as shards of at most ``shard_size`` bytes (and ``max_samples`` samples);
+    returns (shard entries for the manifest, [(path, error)])."""
     order = np.arange(len(index))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(index))
@@ -127,7 +136,10 @@ def write_split(
                 progress(f"undecodable, left out: {index.paths[i]} ({error})")
                 continue
             data = Path(path).read_bytes()
-            if writer is not None and writer.size + len(data) + 2048 > shard_size:
+            full = (
+                max_samples is not None and writer is not None and len(writer.entries["keys"]) >= max_samples
+            )
+            if writer is not None and (full or writer.size + len(data) + 2048 > shard_size):
                 shards.append(writer.close())
                 writer = None
             if writer is None:
@@ -152,7 +164,14 @@ def _splits(data_dir: Path, names: list[str]) -> dict[str, Path]:
 
 
 def write_shards(
-    data_dir, output, shard_size: int, splits=("train", "val"), seed=0, workers=1, progress=print
+    data_dir,
+    output,
+    shard_size: int,
+    splits=("train", "val"),
+    seed=0,
+    workers=1,
+    max_samples=None,
+    progress=print,
 ):
     """Write every split of ``data_dir`` found among ``splits`` as shards under ``output``; returns the
     manifest. The first split found is the training split: its folders name the classes."""
@@ -179,8 +198,8 @@ def write_shards(
             index = index.with_classes(train.classes, source=f"the training split {train_path}")
         is_train = name == train_name
         shards, bad = write_split(
-            index, name, output, shard_size, shuffle_seed=seed if is_train else None, workers=workers,
-            progress=progress,
+            index, name, output, shard_size, max_samples=max_samples, shuffle_seed=seed if is_train else None,
+            workers=workers, progress=progress,
         )  # fmt: skip
         manifest["splits"][name] = {
             "samples": sum(s["samples"] for s in shards),
@@ -203,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", required=True, help="new or empty folder for the shards")
     parser.add_argument("--shard-size", default="512MB", help="largest tar size (default 512MB)")
+    parser.add_argument("--shard-samples", type=int, help="most samples per shard (default: no limit)")
     parser.add_argument("--splits", nargs="+", default=["train", "val"])
     parser.add_argument("--seed", type=int, default=0, help="shuffle of the training samples over the shards")
     parser.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
@@ -210,8 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise DataIndexError(f"--workers {args.workers}: must be >= 1")
+        if args.shard_samples is not None and args.shard_samples < 1:
+            raise DataIndexError(f"--shard-samples {args.shard_samples}: must be >= 1")
         manifest = write_shards(
-            args.data_dir, args.output, parse_size(args.shard_size), args.splits, args.seed, args.workers
+            args.data_dir,
+            args.output,
+            parse_size(args.shard_size),
+            args.splits,
+            args.seed,
+            args.workers,
+            args.shard_samples,
         )
     except DataIndexError as e:
         print(f"error: {e}", file=sys.stderr)

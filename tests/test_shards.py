@@ -1,0 +1,234 @@
+"""Tar shards: the writer's tars read back by tarfile, DALI's and timm's webdataset readers; rank-local
+class-pair plans; training from shards, a corrupt member substituted, kill -9 and exact resume."""
+
+import collections
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image_folder, make_tiny_dataset
+from PIL import Image
+
+from timm_cskd.data import build_index
+from timm_cskd.data.shard_index import is_shard_folder, load_shard_index, rank_shards, read_manifest
+from timm_cskd.data.shards import main as shards_main
+from timm_cskd.data.shards import parse_size
+from timm_cskd.shard_sampler import RankClassPairSampler, RankShuffledBatchSampler
+
+
+def write(data, out, size="6KB", *extra):
+    assert (
+        shards_main(["--data-dir", str(data), "--output", str(out), "--shard-size", size, "-j", "1", *extra])
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    data = tmp_path_factory.mktemp("folder")
+    make_image_folder(data / "train", [6, 4, 5], size=(20, 20), noise=40)
+    make_image_folder(data / "val", [2, 2, 1], size=(20, 20), noise=40)
+    (data / "train" / "class_001" / "img_0003.jpg").write_bytes(b"not a jpeg")
+    return data
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory):
+    return write(folder, tmp_path_factory.mktemp("shards") / "out")
+
+
+def tar_samples(tar_path):
+    """{key: {ext: bytes}} of a tar, read by Python's tarfile."""
+    samples = collections.defaultdict(dict)
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            samples[key][ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_parse_size():
+    assert parse_size("512MB") == 512 * 2**20
+    assert parse_size("1.5g") == int(1.5 * 2**30)
+    assert parse_size("100000") == 100000
+    with pytest.raises(ValueError, match="--shard-size"):
+        parse_size("big")
+
+
+def test_shards_hold_every_decodable_image_once_with_its_label(folder, shards):
+    manifest = read_manifest(shards)
+    assert manifest["classes"] == ["class_000", "class_001", "class_002"]
+    assert [p for p, _ in manifest["excluded"]["train"]] == ["class_001/img_0003.jpg"]
+    for split in ("train", "val"):
+        expected = collections.Counter()
+        source = build_index(folder / split)
+        for i in range(len(source)):
+            if source.paths[i] != "class_001/img_0003.jpg":
+                expected[(Path(source.full_path(i)).read_bytes(), int(source.labels[i]))] += 1
+        found = collections.Counter()
+        listed = manifest["splits"][split]["shards"]
+        assert len(listed) > 1, "the test needs several shards"
+        for shard in listed:
+            tar = shards / shard["tar"]
+            assert shard["bytes"] == tar.stat().st_size
+            samples = tar_samples(tar)
+            assert len(samples) == shard["samples"]
+            for parts in samples.values():
+                assert sorted(parts) == ["cls", "jpg"]
+                found[(parts["jpg"], int(parts["cls"]))] += 1
+            # The index's offsets point at the member data tarfile reads.
+            entries = json.loads((shards / shard["index"]).read_text())
+            raw = tar.read_bytes()
+            for key, offset, size in zip(entries["keys"], entries["offsets"], entries["sizes"], strict=True):
+                assert raw[offset : offset + size] == samples[key]["jpg"]
+        assert found == expected
+        assert manifest["splits"][split]["samples"] == sum(expected.values())
+    # Training samples are shuffled over the shards, validation keeps the folder order.
+    val = load_shard_index(shards, "val")
+    assert list(val.labels) == sorted(val.labels)
+    train = load_shard_index(shards, "train")
+    assert list(train.labels) != sorted(train.labels)
+
+
+def test_dali_webdataset_reader_reads_the_shards_with_their_index(shards):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+
+    listed = read_manifest(shards)["splits"]["train"]["shards"]
+    tars = [str(shards / s["tar"]) for s in listed]
+    expected = []
+    for tar in tars:  # tarfile's view, in member order: DALI reads unshuffled shards in order
+        samples = tar_samples(tar)
+        expected += [(samples[k]["jpg"], int(samples[k]["cls"])) for k in sorted(samples)]
+
+    @pipeline_def(batch_size=len(expected), num_threads=1, device_id=None)
+    def pipe():
+        return tuple(fn.readers.webdataset(
+            paths=tars, index_paths=[str(shards / s["dali_index"]) for s in listed], ext=["jpg", "cls"],
+            missing_component_behavior="error",
+        ))  # fmt: skip
+
+    p = pipe()
+    p.build()
+    images, labels = p.run()
+    got = [
+        (bytes(np.asarray(images.at(i))), int(bytes(np.asarray(labels.at(i))))) for i in range(len(expected))
+    ]
+    assert got == expected
+
+
+def test_timm_webdataset_reader_reads_the_shards(shards):
+    pytest.importorskip("webdataset", reason="timm's wds/ reader needs the 'webdataset' package")
+    from timm.data import create_dataset
+
+    manifest = read_manifest(shards)
+    n = len(manifest["splits"]["train"]["shards"]) - 1
+    dataset = create_dataset(
+        f"wds/{shards}", root=str(shards), split=f"train-{{000000..{n:06d}}}.tar", is_training=False
+    )
+    labels = sorted(int(t) for _, t in dataset)
+    assert labels == sorted(load_shard_index(shards, "train").labels.tolist())
+
+
+def test_each_rank_reads_only_its_shards(shards):
+    num = len(read_manifest(shards)["splits"]["train"]["shards"])
+    shares = [rank_shards(num, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(num)) and not set(shares[0]) & set(shares[1])
+    with pytest.raises(ValueError, match="cannot give each of"):
+        rank_shards(num, 0, num + 1)
+    index = load_shard_index(shards, "train", shares[1])
+    assert set(index.shard.tolist()) == set(shares[1])
+    # A sample reads back as the bytes tarfile finds under its name.
+    for i in range(len(index)):
+        tar, name = index.paths[i].split("/")
+        key, ext = name.split(".")
+        assert index.read_bytes(i) == tar_samples(shards / tar)[key][ext]
+        assert Image.open(index.image_source(i)).size == (20, 20)
+
+
+def test_a_missing_shard_names_the_file(shards, tmp_path):
+    for f in shards.iterdir():
+        if not f.name.startswith("train-000001."):
+            (tmp_path / f.name).symlink_to(f)
+    assert is_shard_folder(tmp_path)
+    with pytest.raises(ValueError, match="train-000001.tar is missing on this node"):
+        load_shard_index(tmp_path, "train", [1])
+
+
+def rank_plans(labels_per_rank, batch_size, mode="anchor", epoch=0, **kwargs):
+    samplers = [
+        RankClassPairSampler(labels, batch_size, mode=mode, rank=r, world_size=len(labels_per_rank), **kwargs)
+        for r, labels in enumerate(labels_per_rank)
+    ]
+    units = max(s.local_units for s in samplers)
+    for s in samplers:
+        s.set_epoch_units(units)
+        s.set_epoch(epoch)
+    return samplers
+
+
+@pytest.mark.parametrize("mode", ["anchor", "paired"])
+def test_rank_local_plan_covers_each_share_once_with_same_class_partners(mode):
+    rng = np.random.default_rng(3)
+    shares = [rng.integers(0, 5, 24), rng.integers(0, 5, 24)]
+    samplers = rank_plans(shares, 4, mode)
+    assert len(samplers[0]) == len(samplers[1])
+    for labels, sampler in zip(shares, samplers, strict=True):
+        k = sampler.units_per_batch
+        batches = list(sampler)
+        firsts = [i for b in batches for i in b[:k]]
+        partners = [j for b in batches for j in b[k:]]
+        assert all(labels[i] == labels[j] for i, j in zip(firsts, partners, strict=True))
+        covered = collections.Counter(firsts + (partners if mode == "paired" else []))
+        if mode == "anchor":
+            assert sorted(firsts) == list(range(len(labels)))
+        else:
+            assert set(covered) == set(range(len(labels)))
+
+
+def test_unequal_shares_take_equal_steps_and_the_smaller_wraps():
+    samplers = rank_plans([np.arange(20) % 4, np.arange(13) % 4], 4)
+    assert len(samplers[0]) == len(samplers[1]) == 5
+    small = [i for b in samplers[1] for i in b[:4]]
+    assert set(small) == set(range(13)) and len(small) == 20
+    assert sorted(small[:13]) == list(range(13)), "the first pass of the share is complete"
+
+
+def test_rank_plan_resumes_exactly_and_refuses_another_rank_count():
+    (full,) = rank_plans([np.arange(30) % 3], 4, epoch=2)
+    batches = list(full)
+    (first,) = rank_plans([np.arange(30) % 3], 4, epoch=2)
+    it = iter(first)
+    done = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    (resumed,) = rank_plans([np.arange(30) % 3], 4)
+    resumed.load_state_dict(state)
+    assert done + list(resumed) == batches
+    other = RankClassPairSampler(np.arange(30) % 3, 4, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="shards are pinned to ranks"):
+        other.load_state_dict(state)
+    other.load_state_dict({**state, "units_consumed": 0})  # an epoch boundary is fine
+    with pytest.raises(ValueError, match="aug-repeats"):
+        RankShuffledBatchSampler(10, 2, rank=0, world_size=1, repeats=3)
+
+
+def test_trains_from_shards_and_substitutes_a_corrupt_member(tmp_path):
+    from timm_cskd.train import main
+
+    data = make_tiny_dataset(tmp_path / "data")
+    shards = write(data, tmp_path / "shards", "8KB")
+    index = load_shard_index(shards, "train", [0])
+    with open(shards / index.tars[0], "r+b") as f:  # a member garbled after the writer verified it
+        f.seek(int(index.offsets[0]))
+        f.write(b"\0" * int(index.sizes[0]))
+    args = [
+        "--data-dir", str(shards), "--dataset", "wds/tiny", "--model", "test_resnet", "--img-size", "32",
+        "--epochs", "1", "-b", "8", "-j", "0", "--output", str(tmp_path / "out"), "--experiment", "run",
+    ]  # fmt: skip
+    assert main(args) == 0
+    log = (tmp_path / "out" / "run" / "log.txt").read_text()
+    assert f"skipping undecodable image {shards / index.paths[0]}" in log
+    assert "(20 images)" in log, "validation reads every image of the val shards"
