@@ -3,6 +3,10 @@ class-pair plans; training from shards, a corrupt member substituted, kill -9 an
 
 import collections
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -232,3 +236,79 @@ def test_trains_from_shards_and_substitutes_a_corrupt_member(tmp_path):
     log = (tmp_path / "out" / "run" / "log.txt").read_text()
     assert f"skipping undecodable image {shards / index.paths[0]}" in log
     assert "(20 images)" in log, "validation reads every image of the val shards"
+
+
+def stage_per_node(shards, nodes, world_size):
+    """Each node folder gets the manifest, every validation shard and its ranks' training shards only."""
+    manifest = read_manifest(shards)
+    train = manifest["splits"]["train"]["shards"]
+    for rank in range(world_size):
+        node = nodes / f"node{rank}"
+        node.mkdir(parents=True)
+        files = [shards / "manifest.json"]
+        for split, entry in manifest["splits"].items():
+            listed = entry["shards"]
+            owned = rank_shards(len(train), rank, world_size) if split == "train" else range(len(listed))
+            files += [shards / listed[s][k] for s in owned for k in ("tar", "index", "dali_index")]
+        for f in files:
+            shutil.copy(f, node / f.name)
+
+
+@pytest.mark.slow
+def test_two_ranks_each_reading_only_its_shards_cover_the_epoch_once_with_own_classmates(tmp_path):
+    from test_ddp import HERE, free_port
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", [10, 8, 8, 6], size=(20, 20), noise=40)
+    make_image_folder(data / "val", [3, 2, 1, 1], size=(20, 20), noise=40)
+    shards = write(data, tmp_path / "shards", "1MB", "--shard-samples", "8")  # 4 shards: 16 images a rank
+    stage_per_node(shards, tmp_path / "nodes", 2)
+    out, record = tmp_path / "out", tmp_path / "record"
+    record.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", str(HERE / "ddp_worker.py"), "--data-dir", str(tmp_path / "nodes"),
+        "--model", "test_resnet", "--img-size", "32", "--crop-pct", "1.0", "--epochs", "2", "-b", "4",
+        "--lr", "0.05", "--warmup-epochs", "0", "-j", "1", "--output", str(out), "--experiment", "ddp",
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(HERE.parent),
+        PER_RANK_DATA="1",
+        RECORD_DIR=str(record),
+    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    every_key = set()
+    for rank in range(2):
+        node = tmp_path / "nodes" / f"node{rank}"
+        # The rank's samples as tarfile lists its own shards, in the order its index numbers them.
+        own = []
+        for tar in sorted(node.glob("train-*.tar")):
+            samples = tar_samples(tar)
+            own += [(f"{tar.name}/{k}", int(samples[k]["cls"])) for k in sorted(samples)]
+        every_key |= {key for key, _ in own}
+        epochs = collections.defaultdict(list)
+        for line in (record / f"rank{rank}.jsonl").read_text().splitlines():
+            epoch, batch = json.loads(line)
+            epochs[epoch].append(batch)
+        assert sorted(epochs) == [0, 1]
+        for batches in epochs.values():
+            anchors = [i for b in batches for i in b[:4]]
+            assert sorted(anchors) == list(range(len(own))), f"rank {rank}: each own sample an anchor once"
+            for b in batches:
+                assert [own[i][1] for i in b[:4]] == [own[j][1] for j in b[4:]], "partners are classmates"
+    assert len(every_key) == 32, "the two shares together are the whole training split"
+    m0, m1 = (json.loads((out / "ddp" / f"metrics{r}.json").read_text()) for r in (0, 1))
+    assert m0 == m1 and m0["num_samples"] == 7, "every validation image counted once over the ranks"
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_on_shards_then_resumed_is_bit_identical(tmp_path):
+    from test_train import EXACT, _assert_identical, killed_and_resumed_run, uninterrupted_run
+
+    shards = write(make_tiny_dataset(tmp_path / "data"), tmp_path / "shards", "8KB")
+    whole = uninterrupted_run(shards, tmp_path / "whole", EXACT)["state_dict"]
+    _assert_identical(killed_and_resumed_run(shards, tmp_path / "killed", EXACT)["state_dict"], whole)
