@@ -312,3 +312,19 @@ def test_killed_mid_epoch_on_shards_then_resumed_is_bit_identical(tmp_path):
     shards = write(make_tiny_dataset(tmp_path / "data"), tmp_path / "shards", "8KB")
     whole = uninterrupted_run(shards, tmp_path / "whole", EXACT)["state_dict"]
     _assert_identical(killed_and_resumed_run(shards, tmp_path / "killed", EXACT)["state_dict"], whole)
+
+
+def test_wds_dataset_without_a_manifest_and_a_single_image_class_on_a_rank(tmp_path, capsys):
+    from timm_cskd.train import main
+
+    data = make_tiny_dataset(tmp_path / "data")
+    common = ["--model", "test_resnet", "--img-size", "32", "--epochs", "1", "-b", "4", "-j", "0"]
+    args = ["--data-dir", str(data), "--dataset", "wds/tiny", *common, "--output", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    make_image_folder(tmp_path / "one" / "train", [9, 1], size=(20, 20), noise=40)
+    shards = write(tmp_path / "one", tmp_path / "shards", "1MB")
+    out = ["--output", str(tmp_path / "p"), "--experiment", "run", "--val-split", ""]
+    assert main(["--data-dir", str(shards), *common, *out]) == 0
+    log = (tmp_path / "p" / "run" / "log.txt").read_text()
+    assert "rank 0: 1 class(es) have a single image on its shards (class_001)" in log

@@ -276,9 +276,25 @@ def _load_rank_shards(args, ctx: Context, data_dir: Path):
     except (DataIndexError, OSError) as e:
         error = e
     ctx.fail_together(error)
+    _warn_single_image_classes_per_rank(indices[0], ctx)
     if indices[1] is None and args.val_split:
         _logger.warning("no validation split in %s: training without validation", data_dir / MANIFEST)
     return indices
+
+
+def _warn_single_image_classes_per_rank(train, ctx: Context) -> None:
+    """A rank's plan pairs a class's only image on its shards with itself: rank 0 names them per rank."""
+    counts = np.bincount(train.labels, minlength=train.num_classes)
+    single = ctx.gather([train.classes[c] for c in np.flatnonzero(counts == 1)])
+    for rank, names in enumerate(single):
+        if names and ctx.primary:
+            _logger.warning(
+                "rank %d: %d class(es) have a single image on its shards (%s%s): each pairs with itself",
+                rank,
+                len(names),
+                ", ".join(names[:5]),
+                ", ..." if len(names) > 5 else "",
+            )
 
 
 def warn_single_image_classes(index, method_cls: type[Method]) -> None:

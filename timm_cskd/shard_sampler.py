@@ -8,7 +8,7 @@ machinery (``ClassPairSampler``/``ShuffledBatchSampler`` on one replica) and its
   and every partner is a classmate from the same rank's share; the union over ranks is one pass over
   the data, as with the global plan;
 - a class with a single image in a rank's share pairs it with itself (the global plan's rule for a
-  singleton class); the trainer names such classes per rank;
+  singleton class); rank 0 logs such classes per rank;
 - all ranks take the same number of steps (DDP needs it): the epoch is as long as the largest share,
   and a smaller share wraps around to the start of its own shuffled plan, so a few of its samples are
   anchors twice that epoch (none when the shares are equal, e.g. equal shards ``R`` divides);

@@ -34,6 +34,7 @@ from timm_cskd.data.loader import (
     create_val_loader,
     resolve_pin_memory,
 )
+from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
 from timm_cskd.experiment import (
@@ -137,7 +138,7 @@ class Trainer:
         seed_everything(args.seed)
 
         self.train_index, self.val_index = load_indices(args, ctx, self.out_dir)
-        if ctx.primary:
+        if ctx.primary and not isinstance(self.train_index, ShardIndex):  # shards: named per rank
             warn_single_image_classes(self.train_index, self.method_cls)
         num_classes = self.train_index.num_classes
         if args.num_classes is None:
