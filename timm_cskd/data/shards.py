@@ -9,7 +9,8 @@ Each split becomes ``SPLIT-000000.tar``, ``SPLIT-000001.tar``, ... in the webdat
 tar lie ``SPLIT-000000.json`` (every member's data offset, size and label: the trainer reads images by
 offset through it) and ``SPLIT-000000.idx`` (the same offsets in DALI's ``wds2idx`` v1.2 format).
 ``manifest.json``, written last, names the classes and every shard with its sample count; a folder
-without it is an unfinished write.
+without it is an unfinished write. ``_info.json`` says the same in timm's ``ReaderWds`` format, so
+timm's own ``--dataset wds/NAME --train-split train`` finds the shards too.
 
 Training samples are shuffled (``--seed``) before they are cut into shards, so that every shard, and
 so every rank's share of shards, holds images of all classes. Validation keeps its order. Every image
@@ -207,6 +208,13 @@ def write_shards(
             "shards": shards,
         }
         manifest["excluded"][name] = [list(entry) for entry in bad]
+    # timm's ReaderWds finds a split's shards and sample count in _info.json (``--dataset wds/NAME``).
+    timm_info = {"name": data_dir.name, "splits": {
+        name: {"name": name, "num_samples": split["samples"], "filenames": [s["tar"] for s in split["shards"]],
+               "shard_lengths": [s["samples"] for s in split["shards"]]}
+        for name, split in manifest["splits"].items()
+    }}  # fmt: skip
+    (output / "_info.json").write_text(json.dumps(timm_info, indent=1))
     (output / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
