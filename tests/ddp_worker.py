@@ -7,6 +7,7 @@ Test-only faults and probes, from the environment:
   torchrun's store the failure flag NCCL's watchdog writes there; a restarted rank exits 3 if the flag
   survived into its attempt (its NCCL heartbeat monitor would abort on it).
 - ``PER_RANK_OUTPUT``: each rank writes under ``--output``/node{R}, as nodes without shared storage do.
+- ``PER_RANK_DATA``: each rank reads ``--data-dir``/node{R}, its node's local disk.
 - ``STEP_SECONDS``: every step takes at least that long (a large model's step), so a signal sent after
   the first checkpoint lands mid-run however fast this machine is.
 - ``SLOW_RESTART``: on a torchrun restart, rank 1 starts that many seconds after rank 0 (a slow import
@@ -78,6 +79,8 @@ if __name__ == "__main__":
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ["RANK"] == "1":
         time.sleep(float(os.environ.get("SLOW_RESTART", 0)))
     args = parse_args(sys.argv[1:])
+    if os.environ.get("PER_RANK_DATA"):
+        args.data_dir = str(Path(args.data_dir) / f"node{os.environ['RANK']}")
     if os.environ.get("PER_RANK_OUTPUT"):
         args.output = str(Path(args.output) / f"node{os.environ['RANK']}")
     trainer = Trainer(args)

@@ -1,5 +1,6 @@
 """DALI backend on CPU (device_id=None): the plan decides the order, decoding matches the pixels."""
 
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -390,3 +391,36 @@ def test_a_trainer_failing_with_live_readers_exits(coded_folder, tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "the training step failed" in proc.stderr
+
+
+def test_reads_a_ranks_tar_shards_by_offset_in_plan_order(coded_folder, tmp_path):
+    from timm_cskd.data.shard_index import load_shard_index, rank_shards
+    from timm_cskd.data.shards import main as shards_main
+
+    args = [
+        "--data-dir",
+        str(coded_folder.parent),
+        "--output",
+        str(tmp_path),
+        "--shard-samples",
+        "5",
+        "-j",
+        "1",
+    ]
+    assert shards_main([*args, "--splits", "train"]) == 0
+    source = build_index(coded_folder)
+    shards = load_shard_index(tmp_path, "train", rank_shards(4, 1, 2))  # 20 images: 4 shards
+    origin = []  # each shard sample's position in the folder scan, from the writer's per-shard record
+    for s in sorted(set(shards.shard.tolist())):
+        origin += json.loads((tmp_path / f"train-{s:06d}.json").read_text())["sources"]
+    origin = np.asarray([source.paths.index(p) for p in origin])
+    train, _ = dali.create_dali_loaders(dali_args("anchor", 3), shards, None, DATA_CONFIG, Context(CPU, 2, 1))
+    sampler = train.batch_sampler
+    sampler.set_epoch_units(sampler.local_units)
+    sampler.set_epoch(1)
+    first, partner = sampler.rank_plan()
+    got = epoch_indices(train, source)
+    assert len(got) == len(sampler) == len(first) // 3
+    for b, positions in enumerate(got):
+        planned = np.concatenate((first[b * 3 : (b + 1) * 3], partner[b * 3 : (b + 1) * 3]))
+        np.testing.assert_array_equal(positions, origin[planned])

@@ -64,7 +64,7 @@ def resolve_config(ref: str | os.PathLike) -> Path:
 # timm train.py flags this trainer accepts but cannot honour when set: (timm's default, why).
 # A timm args.yaml carries them all at their defaults; a non-default value stops the run naming them.
 REFUSED = {
-    "dataset": ("", "reads ImageFolder trees and list files only (torch/, hfds/, wds/, tfds/ datasets are not wired to the class-pair plan)"),
+    "dataset": ("", "reads ImageFolder trees, list files and timm_cskd.data.shards folders (wds/) only (torch/, hfds/, tfds/ datasets are not wired to the class-pair plan)"),
     "train_num_samples": (None, "applies to iterable datasets, which are not supported"),
     "val_num_samples": (None, "applies to iterable datasets, which are not supported"),
     "dataset_download": (False, "nothing is downloaded: the data must be on disk"),
@@ -588,7 +588,7 @@ def refused_settings(args: argparse.Namespace) -> list[str]:
     found = []
     for dest, (default, reason) in REFUSED.items():
         value = getattr(args, dest)
-        if dest == "dataset" and value in FOLDER_DATASETS:
+        if dest == "dataset" and (value in FOLDER_DATASETS or str(value).startswith("wds/")):
             continue
         if isinstance(value, tuple):
             value = list(value)

@@ -17,6 +17,14 @@ import torch
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import DEFAULT_VAL_SPLIT, ConfigError, refused_settings
 from timm_cskd.data.index import DataIndexError, build_index, find_split
+from timm_cskd.data.shard_index import (
+    MANIFEST,
+    find_shard_split,
+    is_shard_folder,
+    load_shard_index,
+    rank_shards,
+    read_manifest,
+)
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context
 from timm_cskd.flag_checks import check_flag_values
@@ -144,6 +152,40 @@ def load_indices(args, ctx: Context, out_dir: Path):
     data_dir = resolve_data_dir(args, ctx)
     if not data_dir.is_dir():
         raise DataIndexError(f"--data-dir {data_dir} does not exist or is not a folder")
+    shards = is_shard_folder(data_dir) or str(args.dataset).startswith("wds/")
+    if shards:
+        train, val = _load_rank_shards(args, ctx, data_dir)
+    else:
+        train, val = _load_folders(args, ctx, data_dir, out_dir)
+    if args.exclude_list:
+        try:
+            listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataIndexError(f"--exclude-list {args.exclude_list}: cannot read it ({e})") from e
+        train, val = (None if index is None else index.without_files(listed) for index in (train, val))
+        # A rank's share of shards may lack a class: emptiness is a folder dataset's error only.
+        emptied = (
+            []
+            if shards
+            else [
+                train.classes[c]
+                for c in np.flatnonzero(np.bincount(train.labels, minlength=train.num_classes) == 0)
+            ]
+        )
+        if emptied:
+            raise DataIndexError(
+                f"--exclude-list {args.exclude_list} removes every training image of class {emptied[0]}"
+                + (f" (and {len(emptied) - 1} more)" if len(emptied) > 1 else "")
+                + ": a class without training images cannot be learnt, as an empty class folder"
+            )
+        excluded = len(train.excluded) + (len(val.excluded) if val is not None else 0)
+        _logger.info("excluding %d undecodable images listed in %s", excluded, args.exclude_list)
+    return train, val
+
+
+def _load_folders(args, ctx: Context, data_dir: Path, out_dir: Path):
+    """Train/val indices of ImageFolder trees or list files. Rank 0 scans (and caches) first, then the
+    other ranks read its cache."""
     train_path = find_split(data_dir, [args.train_split])
     if train_path is None:
         raise DataIndexError(f"no '{args.train_split}' folder or list file in {data_dir}")
@@ -200,26 +242,59 @@ def load_indices(args, ctx: Context, out_dir: Path):
         except (DataIndexError, OSError) as e:
             error = e
     ctx.fail_together(error)
-    train, val = indices
-    if args.exclude_list:
-        try:
-            listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataIndexError(f"--exclude-list {args.exclude_list}: cannot read it ({e})") from e
-        train, val = (None if index is None else index.without_files(listed) for index in (train, val))
-        emptied = [
-            train.classes[c]
-            for c in np.flatnonzero(np.bincount(train.labels, minlength=train.num_classes) == 0)
-        ]
-        if emptied:
+    return indices
+
+
+def _load_rank_shards(args, ctx: Context, data_dir: Path):
+    """This rank's training shards (``rank_shards``) and every validation shard of a shard folder;
+    each rank reads only those files, so a node needs only its ranks' shards on its disk."""
+    error, indices = None, None
+    try:
+        if not is_shard_folder(data_dir):
             raise DataIndexError(
-                f"--exclude-list {args.exclude_list} removes every training image of class {emptied[0]}"
-                + (f" (and {len(emptied) - 1} more)" if len(emptied) > 1 else "")
-                + ": a class without training images cannot be learnt, as an empty class folder"
+                f"--dataset {args.dataset}: {data_dir} has no {MANIFEST} (write shards with python -m "
+                "timm_cskd.data.shards)"
             )
-        excluded = len(train.excluded) + (len(val.excluded) if val is not None else 0)
-        _logger.info("excluding %d undecodable images listed in %s", excluded, args.exclude_list)
-    return train, val
+        manifest = read_manifest(data_dir)
+        train_split = find_shard_split(manifest, args.train_split)
+        if train_split is None:
+            raise DataIndexError(f"no '{args.train_split}' split in {data_dir / MANIFEST}")
+        num_shards = len(manifest["splits"][train_split]["shards"])
+        train = load_shard_index(data_dir, train_split, rank_shards(num_shards, ctx.rank, ctx.world_size))
+        val_split = find_shard_split(manifest, args.val_split) if args.val_split else None
+        if args.val_split and val_split is None and args.val_split != DEFAULT_VAL_SPLIT:
+            raise DataIndexError(f"--val-split {args.val_split}: no such split in {data_dir / MANIFEST}")
+        val = load_shard_index(data_dir, val_split) if val_split else None
+        if args.class_map:
+            classes = read_class_map(args.class_map)
+            train, val = (None if ix is None else ix.with_classes(classes) for ix in (train, val))
+        if args.num_classes is not None and args.num_classes != train.num_classes:
+            raise DataIndexError(
+                f"--num-classes is {args.num_classes} but {data_dir / MANIFEST} has {train.num_classes} classes"
+            )
+        indices = train, val
+    except (DataIndexError, OSError) as e:
+        error = e
+    ctx.fail_together(error)
+    _warn_single_image_classes_per_rank(indices[0], ctx)
+    if indices[1] is None and args.val_split:
+        _logger.warning("no validation split in %s: training without validation", data_dir / MANIFEST)
+    return indices
+
+
+def _warn_single_image_classes_per_rank(train, ctx: Context) -> None:
+    """A rank's plan pairs a class's only image on its shards with itself: rank 0 names them per rank."""
+    counts = np.bincount(train.labels, minlength=train.num_classes)
+    single = ctx.gather([train.classes[c] for c in np.flatnonzero(counts == 1)])
+    for rank, names in enumerate(single):
+        if names and ctx.primary:
+            _logger.warning(
+                "rank %d: %d class(es) have a single image on its shards (%s%s): each pairs with itself",
+                rank,
+                len(names),
+                ", ".join(names[:5]),
+                ", ..." if len(names) > 5 else "",
+            )
 
 
 def warn_single_image_classes(index, method_cls: type[Method]) -> None:

@@ -34,6 +34,7 @@ from timm_cskd.data.loader import (
     create_val_loader,
     resolve_pin_memory,
 )
+from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.distributed import Context, setup_context
 from timm_cskd.evaluate import evaluate
 from timm_cskd.experiment import (
@@ -131,7 +132,7 @@ class Trainer:
         seed_everything(args.seed)
 
         self.train_index, self.val_index = load_indices(args, ctx, self.out_dir)
-        if ctx.primary:
+        if ctx.primary and not isinstance(self.train_index, ShardIndex):  # shards: named per rank
             warn_single_image_classes(self.train_index, self.method_cls)
         num_classes = self.train_index.num_classes
         if args.num_classes is None:
@@ -178,6 +179,9 @@ class Trainer:
         self.sampler = (
             batch_sampler.batch_sampler if isinstance(batch_sampler, SeededBatches) else batch_sampler
         )
+        if hasattr(self.sampler, "set_epoch_units"):
+            # Rank-pinned shards: every rank takes as many steps as the largest share needs.
+            self.sampler.set_epoch_units(max(ctx.gather(self.sampler.local_units)))
 
         self.mixup_fn = build.create_mixup(args, num_classes)
         teacher, kd = None, kd_config(args)

@@ -91,9 +91,9 @@ def structural_problem(data: np.ndarray) -> str | None:
     return "not an image file DALI decodes (unknown signature)"
 
 
-def _read(path: str) -> tuple[np.ndarray | None, str | None]:
+def _read(index: MappedIndex, i: int) -> tuple[np.ndarray | None, str | None]:
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        data = index.read(i)
     except OSError as e:
         return None, f"{type(e).__name__}: {e}"
     return data, structural_problem(data)
@@ -128,7 +128,7 @@ class _GoodFiles:
             j = int(j)
             if j in self._bad:
                 continue
-            data, problem = _read(self.index.full_path(j))
+            data, problem = _read(self.index, j)
             if problem is None:
                 return data, j
             self._bad.add(j)

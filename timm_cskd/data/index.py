@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,16 @@ class ImageIndex:
     def full_path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
 
+    def image_source(self, i: int):
+        """What ``PIL.Image.open`` reads image ``i`` from: its file path here (a shard index gives bytes)."""
+        return self.full_path(i)
+
+    def _subset(self, keep: np.ndarray, labels: np.ndarray, classes: list[str], excluded: list[str]):
+        """The entries ``keep`` with new ``labels``; subclasses carry their own per-entry arrays along."""
+        return replace(
+            self, paths=[self.paths[i] for i in keep], labels=labels, classes=classes, excluded=excluded
+        )
+
     def without_files(self, files) -> ImageIndex:
         """This index minus the given files (absolute, or relative to the working directory)."""
         root = os.path.abspath(self.root)
@@ -74,22 +84,15 @@ class ImageIndex:
             new_label[self.classes.index(name)] = i
         labels = new_label[self.labels]
         keep = np.flatnonzero(labels >= 0)
-        return ImageIndex(
-            self.root, [self.paths[i] for i in keep], labels[keep], list(classes), self.excluded
-        )
+        return self._subset(keep, labels[keep], list(classes), self.excluded)
 
     def without(self, bad_paths: set[str]) -> ImageIndex:
         """This index minus the given root-relative paths (e.g. the verify tool's undecodable files)."""
-        keep = [i for i, p in enumerate(self.paths) if p not in bad_paths]
+        keep = np.asarray([i for i, p in enumerate(self.paths) if p not in bad_paths], dtype=np.int64)
         if len(keep) == len(self.paths):
             return self
-        return ImageIndex(
-            self.root,
-            [self.paths[i] for i in keep],
-            self.labels[keep],
-            self.classes,
-            sorted(set(self.paths) - {self.paths[i] for i in keep}),
-        )
+        excluded = sorted(set(self.paths) - {self.paths[i] for i in keep})
+        return self._subset(keep, self.labels[keep], self.classes, excluded)
 
 
 def _is_image(name: str) -> bool:

@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from timm_cskd.config import ConfigError
 from timm_cskd.data.device_prep import DeviceLoader, DevicePrep
 from timm_cskd.data.index import ImageIndex
+from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.data.workers import become_worker, stop_signal_blocked
 from timm_cskd.run_lock import close_inherited
 from timm_cskd.sampler import ClassPairSampler, ShuffledBatchSampler
+from timm_cskd.shard_sampler import RankClassPairSampler, RankShuffledBatchSampler
 
 __all__ = [
     "ImageIndexDataset",
@@ -67,7 +69,7 @@ class ImageIndexDataset(Dataset):
         return len(self.index)
 
     def _load(self, i: int) -> Image.Image:
-        with Image.open(self.index.full_path(i)) as img:
+        with Image.open(self.index.image_source(i)) as img:
             return img.convert("RGB")
 
     def _replacement(self, i: int) -> int:
@@ -288,7 +290,13 @@ def create_batch_sampler(
 ):
     """The epoch plan a method's ``batches`` declaration asks for: plain shuffled images, class-pair
     anchors with partners (``anchor``), or a partition into same-class pairs (``paired``); ``repeats`` is
-    timm's --aug-repeats."""
+    timm's --aug-repeats. A ShardIndex holds this rank's shards only: its plan is rank-local
+    (``timm_cskd.shard_sampler``; the caller sets the common epoch length with ``set_epoch_units``)."""
+    if isinstance(index, ShardIndex):
+        local = dict(rank=rank, world_size=num_replicas, seed=seed, repeats=repeats)
+        if batches == "plain":
+            return RankShuffledBatchSampler(len(index), batch_size, **local)
+        return RankClassPairSampler(index.labels, batch_size, mode=batches, **local)
     common = dict(num_replicas=num_replicas, rank=rank, seed=seed, repeats=repeats)
     if batches == "plain":
         return ShuffledBatchSampler(len(index), batch_size, **common)

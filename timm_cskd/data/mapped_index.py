@@ -5,11 +5,13 @@ index as a Python list costs every reader seconds to unpickle and a private hund
 runs ``-j`` readers for each of its ranks, again at every pipeline restart. ``MappedIndex`` writes the
 paths (one UTF-8 blob and its offsets), the labels and the classes' members once, to a folder; a pickled
 ``MappedIndex`` is that folder's name, and every process that unpickles one maps the same files, whose
-pages the kernel holds once for all of them.
+pages the kernel holds once for all of them. An index over tar shards (``ShardIndex``) also maps each
+sample's (shard, offset, size), and ``read`` then takes the bytes from the tar at that offset.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -55,6 +57,12 @@ class MappedIndex:
         np.save(os.path.join(folder, "labels.npy"), labels)
         np.save(os.path.join(folder, "by_class.npy"), by_class)
         np.save(os.path.join(folder, "class_starts.npy"), class_starts)
+        if hasattr(index, "offsets"):  # a ShardIndex: members read by offset from their tars
+            np.save(
+                os.path.join(folder, "members.npy"), np.stack([index.shard, index.offsets, index.sizes], 1)
+            )
+            with open(os.path.join(folder, "tars.json"), "w", encoding="utf-8") as f:
+                json.dump(index.tars, f)
         return cls(index.root, folder)
 
     def _open(self) -> None:
@@ -65,6 +73,11 @@ class MappedIndex:
         self.paths = _Paths(load("offsets.npy"), blob)
         self.labels = load("labels.npy")
         self._by_class, self._class_starts = load("by_class.npy"), load("class_starts.npy")
+        self._members, self._tars, self._fds = None, None, {}
+        if os.path.exists(os.path.join(self.folder, "members.npy")):
+            self._members = load("members.npy")
+            with open(os.path.join(self.folder, "tars.json"), encoding="utf-8") as f:
+                self._tars = json.load(f)
 
     def __getstate__(self) -> dict:
         return {"root": self.root, "folder": self.folder}
@@ -78,6 +91,18 @@ class MappedIndex:
 
     def full_path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
+
+    def read(self, i: int) -> np.ndarray:
+        """The encoded bytes of item ``i``: its file, or its member of a tar shard (one pread)."""
+        if self._members is None:
+            return np.fromfile(self.full_path(i), dtype=np.uint8)
+        shard, offset, size = (int(v) for v in self._members[i])
+        if shard not in self._fds:
+            self._fds[shard] = os.open(os.path.join(self.root, self._tars[shard]), os.O_RDONLY)
+        data = os.pread(self._fds[shard], size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.full_path(i)}: the tar ends {size - len(data)} bytes early")
+        return np.frombuffer(data, dtype=np.uint8)
 
     def classmates(self, label: int) -> np.ndarray:
         """The indices of class ``label`` in index order."""

@@ -1,0 +1,125 @@
+"""Per-rank epoch plans for data pinned to ranks (tar shards on each node's local disk).
+
+The global plan of ``timm_cskd.sampler`` draws a partner from anywhere in the dataset, which a rank that
+holds only its own shards cannot read. Here every rank plans over its own samples alone, with the same
+machinery (``ClassPairSampler``/``ShuffledBatchSampler`` on one replica) and its own seed stream:
+
+- every sample of the rank's share is an anchor once per epoch (``anchor``), or in one pair (``paired``),
+  and every partner is a classmate from the same rank's share; the union over ranks is one pass over
+  the data, as with the global plan;
+- a class with a single image in a rank's share pairs it with itself (the global plan's rule for a
+  singleton class); rank 0 logs such classes per rank;
+- all ranks take the same number of steps (DDP needs it): the epoch is as long as the largest share,
+  and a smaller share wraps around to the start of its own shuffled plan, so a few of its samples are
+  anchors twice that epoch (none when the shares are equal, e.g. equal shards ``R`` divides);
+- the position is the rank's own plan position, so a resume on the same rank count replays the epoch
+  exactly; another rank count owns other shards, so it may only resume at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from timm_cskd.sampler import ClassPairSampler, ShuffledBatchSampler
+
+__all__ = ["RankClassPairSampler", "RankShuffledBatchSampler", "PLAN"]
+
+PLAN = "rank-local"
+
+
+class _RankLocalPlan:
+    """Mixin over a one-replica plan sampler: the common epoch length and the rank-local position."""
+
+    def _pin(self, rank: int, world_size: int, epoch_units: int | None) -> None:
+        self.rank, self.world_size = rank, world_size
+        # One replica's positions, shared with nobody; ``rank`` still seeds SeededBatches and names logs.
+        self.num_replicas = 1
+        self.set_epoch_units(self._num_units if epoch_units is None else epoch_units)
+
+    @property
+    def local_units(self) -> int:
+        return self._num_units
+
+    def set_epoch_units(self, units: int) -> None:
+        """The largest share's unit count over all ranks (the epoch's length on every rank)."""
+        if units < self._num_units:
+            raise ValueError(f"epoch of {units} units is shorter than this rank's {self._num_units}")
+        self._epoch_units = units
+        self._check_not_empty("samples" if getattr(self, "mode", "plain") != "paired" else "pairs")
+
+    def _batches_from(self, start: int) -> int:
+        # Before _pin (the base class's emptiness check) the epoch is this rank's share.
+        left = max(getattr(self, "_epoch_units", self._num_units) - start, 0)
+        return left // self.units_per_batch if self.drop_last else -(-left // self.units_per_batch)
+
+    def rank_plan(self, start: int | None = None) -> tuple[np.ndarray, ...]:
+        """This rank's plan columns from position ``start``, wrapped to its start past its own share."""
+        start = self._start if start is None else start
+        total = self._batches_from(start) * self.units_per_batch
+        positions = (start + np.arange(total)) % self._num_units
+        return tuple(column[positions] for column in self.plan())
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict:
+        state = super().state_dict(batches_consumed)
+        consumed = state["batches_consumed"]
+        units = self._start + (consumed - self.first_batch) * self.units_per_batch
+        state.update(
+            units_consumed=int(min(units, self._epoch_units)), num_replicas=self.world_size, plan=PLAN
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        units = state.get("units_consumed", 0)
+        if units and state.get("plan") != PLAN:
+            raise ValueError(
+                "it was saved mid-epoch from a global (folder) plan; this run reads rank-pinned shards"
+            )
+        if units and state.get("num_replicas") != self.world_size:
+            raise ValueError(
+                f"it was saved mid-epoch on {state.get('num_replicas')} rank(s); shards are pinned to ranks, so "
+                f"{self.world_size} ranks own other samples: resume on {state.get('num_replicas')} ranks, "
+                "or from an epoch checkpoint"
+            )
+        for key in ("seed", "mode", "repeats"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
+                )
+        if not 0 <= units <= self._epoch_units:
+            raise ValueError(f"saved position {units} outside the epoch's [0, {self._epoch_units}]")
+        self.epoch = state["epoch"]
+        self._start, self._yielded, self._finished = units, 0, False
+
+    def is_elastic(self, state: dict) -> bool:
+        return (
+            state.get("num_replicas", self.world_size) != self.world_size
+            or state.get("batch_size", self.batch_size) != self.batch_size
+        )
+
+    def _rng(self) -> np.random.Generator:
+        # Each rank's plan has its own stream: equal seeds would shuffle equal-sized shares alike.
+        return np.random.default_rng([self.seed, self.epoch, self.rank])
+
+
+class RankClassPairSampler(_RankLocalPlan, ClassPairSampler):
+    """``ClassPairSampler`` over this rank's samples only (indices into its own index)."""
+
+    def __init__(self, labels, batch_size, *, rank, world_size, epoch_units=None, **kwargs):
+        if kwargs.get("repeats"):
+            raise ValueError(
+                "--aug-repeats spreads a sample's copies over ranks, which rank-pinned shards cannot do"
+            )
+        super().__init__(labels, batch_size, num_replicas=1, rank=0, **kwargs)
+        self._pin(rank, world_size, epoch_units)
+
+
+class RankShuffledBatchSampler(_RankLocalPlan, ShuffledBatchSampler):
+    """``ShuffledBatchSampler`` over this rank's samples only."""
+
+    def __init__(self, num_samples, batch_size, *, rank, world_size, epoch_units=None, **kwargs):
+        if kwargs.get("repeats"):
+            raise ValueError(
+                "--aug-repeats spreads a sample's copies over ranks, which rank-pinned shards cannot do"
+            )
+        super().__init__(num_samples, batch_size, num_replicas=1, rank=0, **kwargs)
+        self._pin(rank, world_size, epoch_units)
