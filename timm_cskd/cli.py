@@ -29,7 +29,7 @@ COMMANDS = {
     "study-report": ("timm_cskd.study_report:main", "a study folder's analysis per dataset"),
     "prepare": ("timm_cskd.data.prepare:main", "MNIST / Fashion-MNIST / CIFAR files on disk to ImageFolder trees"),
     "verify": ("timm_cskd.data.verify:main", "decode every image once, list those that cannot be decoded"),
-    "shards": ("timm_cskd.data.shards:main", "a dataset as shards"),
+    "shards": ("timm_cskd.data.shards:main", "an ImageFolder as webdataset tar shards with per-shard indexes, for node-local disks"),
     "benchmark": ("timm_cskd.benchmark:main", "training images/s of a model and method on this device, and whether the loader keeps up"),
 }  # fmt: skip
 
