@@ -12,12 +12,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
+try:  # huggingface_hub 2 builds its HTTP errors on httpx2, 1.x on httpx
+    import httpx2 as httpx
+except ImportError:
+    import httpx
+
 ENDPOINT = "https://huggingface.co"
+# What an earlier upload left on the branch: a top-level .bin our export replaces, and a variant the
+# user keeps in a subfolder, which must survive.
+EXISTING_FILES = [".gitattributes", "README.md", "pytorch_model.bin", "onnx/model.safetensors"]
 
 
 def read(record: Path) -> dict:
@@ -50,8 +57,8 @@ def install(record: str | Path, fail_upload: bool = False, patch=None) -> None:
                       "delete_patterns": delete_patterns, "files": {k: len(v) for k, v in files.items()},
                       "card": files.get("README.md", b"").decode()})  # fmt: skip
         if fail_upload:
-            request = httpx2.Request("POST", f"{ENDPOINT}/api/models/{repo_id}/commit/main")
-            response = httpx2.Response(403, request=request, text="You don't have the rights to push here")
+            request = httpx.Request("POST", f"{ENDPOINT}/api/models/{repo_id}/commit/main")
+            response = httpx.Response(403, request=request, text="You don't have the rights to push here")
             raise HfHubHTTPError("403 Forbidden: you don't have the rights to push here", response=response)
         return CommitInfo(
             commit_url=f"{ENDPOINT}/{repo_id}/commit/abc123",
@@ -60,6 +67,13 @@ def install(record: str | Path, fail_upload: bool = False, patch=None) -> None:
             oid="abc123",
         )
 
+    def list_repo_files(self, repo_id, *, revision=None, **kwargs):
+        _log(
+            record, {"call": "list_repo_files", "token": self.token, "repo_id": repo_id, "revision": revision}
+        )
+        return list(EXISTING_FILES)
+
     patch(HfApi, "create_repo", create_repo)
+    patch(HfApi, "list_repo_files", list_repo_files)
     patch(HfApi, "create_branch", create_branch)
     patch(HfApi, "upload_folder", upload_folder)

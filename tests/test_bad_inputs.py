@@ -312,6 +312,8 @@ ROWS = [
         "--output", "{tmp}/s", "--dry-run"], "lambda=-1.0 for method 'cskd': must be >= 0"),
     Row("study-unknown-method", "study", ["--data-dir", "{data}", "--methods", "cskdd", "--output", "{tmp}/s",
         "--dry-run"], "unknown --method 'cskdd'"),
+    Row("study-eval-results-file", "study", ["--data-dir", "{data}", "--methods", "ce", "--output", "{tmp}/s",
+        "--eval-args=--results-file r.csv", "--dry-run"], "--results-file, which the study sets per cell"),
     Row("study-data-missing", "study", ["--data-dir", "{tmp}/missing", "--methods", "ce", "--output", "{tmp}/s",
         "--dry-run"], "does not exist"),
     # --- benchmark

@@ -496,8 +496,17 @@ def test_results_file_has_timm_validate_columns_and_units(trained, tmp_path):
 def no_login(monkeypatch, tmp_path):
     """No token anywhere huggingface_hub looks: the environment, or the saved login (HF_HOME/token, whose
     path the library fixed at import)."""
-    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE"):
+    for variable in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_OIDC_RESOURCE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+    ):
         monkeypatch.delenv(variable, raising=False)
+    # A CI machine may run the suite with HF_HUB_OFFLINE=1, which the library read at import; the fake
+    # hub never reaches the network.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
 
 
@@ -529,7 +538,14 @@ def test_push_to_hub_with_the_saved_login_uploads_the_export_to_the_named_reposi
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")
+        if k
+        not in (
+            "HF_TOKEN",
+            "HUGGING_FACE_HUB_TOKEN",
+            "HF_TOKEN_PATH",
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+        )
     }
     env |= {"HF_HOME": str(hf_home), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     argv = ["--checkpoint", str(checkpoint), "--output", str(out), "--metrics", str(metrics_file),
@@ -540,14 +556,17 @@ def test_push_to_hub_with_the_saved_login_uploads_the_export_to_the_named_reposi
     assert "uploaded to https://huggingface.co/my-org/resnet18-cskd/commit/" in done.stdout
 
     calls = fake_hub.read(record)["calls"]
-    assert [c["call"] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [c["call"] for c in calls] == ["create_repo", "create_branch", "list_repo_files", "upload_folder"]
     assert {c["token"] for c in calls} == {"hf_saved_login_token"}
     assert {c["repo_id"] for c in calls} == {"my-org/resnet18-cskd"}
     assert calls[0]["private"] is True and calls[1]["branch"] == "v1" and calls[2]["revision"] == "v1"
-    upload = calls[2]
+    upload = calls[3]
+    assert upload["revision"] == "v1"
     assert upload["files"] == {p.name: p.stat().st_size for p in out.iterdir()}, "the tested folder, as it is"
     assert upload["card"] == (out / "README.md").read_text()
-    assert "*.bin" in upload["delete_patterns"], "an earlier upload's .bin would shadow the safetensors"
+    assert upload["delete_patterns"] == ["pytorch_model.bin"], (
+        "an earlier upload's top-level .bin would shadow the safetensors; a subfolder's weights stay"
+    )
 
     card = ModelCard.load(out / "README.md")
     assert "timm.create_model('hf-hub:my-org/resnet18-cskd@v1', pretrained=True)" in card.text
@@ -576,8 +595,9 @@ def test_push_to_hub_token_from_the_environment_and_a_failed_upload(
             "--dataset", "timm/fmnist"]  # fmt: skip
     assert export.main(argv) == 0
     calls = fake_hub.read(record)["calls"]
-    assert [c["call"] for c in calls] == ["create_repo", "upload_folder"], "no branch without --revision"
-    assert calls[0]["token"] == "hf_env_token" and calls[0]["private"] is False
+    assert [c["call"] for c in calls] == ["create_repo", "list_repo_files", "upload_folder"], "no branch"
+    assert calls[0]["token"] == "hf_env_token"
+    assert calls[0]["private"] is None, "without --private a new repository takes the owner's default"
     assert calls[1]["revision"] is None
     card = ModelCard.load(tmp_path / "o" / "README.md")
     assert "hf-hub:me/m'" in card.text
@@ -592,5 +612,18 @@ def test_push_to_hub_token_from_the_environment_and_a_failed_upload(
     assert "uploaded" not in captured.out
     assert captured.err.startswith("error: --push-to-hub me/m: the upload failed (HfHubHTTPError: ")
     assert "403 Forbidden" in captured.err and "Traceback" not in captured.err
-    assert [c["call"] for c in fake_hub.read(record)["calls"]] == ["create_repo", "upload_folder"]
+    assert [c["call"] for c in fake_hub.read(record)["calls"]] == [
+        "create_repo",
+        "list_repo_files",
+        "upload_folder",
+    ]
     assert (tmp_path / "o" / "model.safetensors").is_file(), "the local export stays"
+
+
+def test_card_ece_bins_come_from_where_the_metrics_were_measured():
+    train_args = {"ece_bins": 10}
+    assert export.ece_bins({"ece": 1.0, "ece_bins": 15, "checkpoint": "x"}, train_args) == 15
+    # An evaluate metrics.json from before it recorded its bins used evaluate's default, not the run's.
+    assert export.ece_bins({"ece": 1.0, "checkpoint": "x"}, train_args) == 20
+    # A training run's summary.csv row was measured with the run's --ece-bins.
+    assert export.ece_bins({"ece": 1.0}, train_args) == 10

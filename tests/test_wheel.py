@@ -78,7 +78,7 @@ def test_the_wheel_holds_the_configs_licence_metadata_and_command(wheel):
     )
     assert "timm-cskd = timm_cskd.cli:main" in entry_points
     assert licence == (REPO / "LICENSE").read_text() and "Apache License" in licence
-    assert metadata["License-Expression"] == "Apache-2.0" and metadata["Requires-Python"] == ">=3.10"
+    assert metadata["License-Expression"] == "Apache-2.0" and metadata["Requires-Python"] == ">=3.11"
     assert {"dali", "study", "wandb", "tensorboard", "dev"} <= set(metadata.get_all("Provides-Extra"))
     assert any(c.startswith("Programming Language :: Python :: 3.") for c in metadata.get_all("Classifier"))
     assert any(u.startswith("Source, https://") for u in metadata.get_all("Project-URL"))

@@ -30,6 +30,7 @@ from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
 from timm_cskd.checkpoint import CheckpointError, LoadedModel, load_model
+from timm_cskd.metrics import DEFAULT_ECE_BINS
 
 __all__ = ["export", "main"]
 
@@ -37,7 +38,7 @@ WEIGHTS = "model.safetensors"
 EXPORT_FILES = {WEIGHTS, "config.json", "README.md"}
 EXPORT_TAG = "cskd"
 METRIC_KEYS = ("top1_err", "top5_err", "ece", "nll", "brier", "recall_at_1", "num_samples")
-STALE_WEIGHTS = ["*.bin", "*.safetensors", "*.pth", "*.pth.tar"]
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pth.tar")
 
 
 def checkpoint_metrics(
@@ -66,9 +67,13 @@ def checkpoint_metrics(
 
 
 def ece_bins(metrics: dict | None, train_args: dict) -> int:
-    """The bins the card's ECE was measured with: evaluate records them in metrics.json; a training
-    run's summary.csv used its --ece-bins (20, the paper's, unless set)."""
-    return int((metrics or {}).get("ece_bins") or train_args.get("ece_bins") or 20)
+    """The bins the card's ECE was measured with: evaluate records them in metrics.json (one written
+    before it did used evaluate's default); a training run's summary.csv used the run's --ece-bins."""
+    metrics = metrics or {}
+    if "ece_bins" in metrics:
+        return int(metrics["ece_bins"])
+    from_evaluate = "checkpoint" in metrics  # evaluate's metrics.json names what it evaluated
+    return DEFAULT_ECE_BINS if from_evaluate else int(train_args.get("ece_bins") or DEFAULT_ECE_BINS)
 
 
 def card_eval_metrics(bins: int) -> tuple[tuple[str, str], ...]:
@@ -348,9 +353,11 @@ def hub_token() -> str:
 
     # huggingface_hub reads HF_HUB_OFFLINE once, at its import; the variable is read again here so
     # one set later in this process still refuses rather than ends in a connection error.
-    if (
-        constants.is_offline_mode()
-        or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    # constants.HF_HUB_OFFLINE exists in every release (is_offline_mode() only from 1.2.1); the library
+    # also honours TRANSFORMERS_OFFLINE.
+    if constants.HF_HUB_OFFLINE or any(
+        os.environ.get(name, "").upper() in constants.ENV_VARS_TRUE_VALUES
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     ):
         raise CheckpointError(
             "--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, "
@@ -375,16 +382,24 @@ def push_folder(
 
     api = HfApi(token=token, library_name="timm-cskd")
     try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        # private=None, not False: a new repository then takes its organisation's default visibility.
+        repo = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if revision is not None:
             api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
+        # Weights of an earlier upload at the top level would sit beside ours, and timm <= 1.0.28 loads a
+        # .bin first; the hub matches delete patterns with fnmatch ("*" crosses "/"), so name each file,
+        # and leave whatever the user keeps in subfolders.
+        stale = [
+            name
+            for name in api.list_repo_files(repo.repo_id, revision=revision)
+            if "/" not in name and name.endswith(WEIGHT_SUFFIXES) and not (folder / name).is_file()
+        ]
         commit = api.upload_folder(
             repo_id=repo.repo_id,
             folder_path=str(folder),
             revision=revision,
             commit_message="Add timm-cskd model",
-            # Weights of an earlier upload would sit beside ours, and timm <= 1.0.28 prefers a .bin.
-            delete_patterns=STALE_WEIGHTS,
+            delete_patterns=stale or None,
         )
     # Whatever the client raises (HTTP status, network, its own checks), the commit did not land.
     except Exception as e:

@@ -140,6 +140,9 @@ EVAL_OWNED = {
     "data_dir": "--data-dir",
     "output": "--output",
     "calib_split": "--calib-split",
+    # Every cell would replace the same file; the study writes results.csv with a row per cell.
+    "results_file": "the study's results.csv",
+    "results_format": "the study's results.csv",
 }
 # A cell.json still "running" outside a run is one whose study was killed.
 INCOMPLETE = {"running": "running, or its study was killed"}
@@ -887,7 +890,12 @@ def _results(study: Study) -> tuple[list[tuple[Cell, dict]], list[tuple[Cell, st
 
 
 def _numeric(metrics: dict) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    settings = ("ece_bins",)  # how a metric was measured, not a metric
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in settings
+    }
 
 
 def _summed_bins(cells: list[Cell]) -> dict:
