@@ -271,6 +271,8 @@ ROWS = [
     # --- evaluate
     Row("evaluate-data-missing", "evaluate", ["--checkpoint", CKPT, "--data-dir", "{tmp}/missing"],
         "--data-dir {tmp}/missing does not exist"),
+    Row("evaluate-shard-folder", "evaluate", ["--checkpoint", CKPT, "--data-dir", "{tmp}/shards"],
+        "is a tar shard folder (manifest.json)", write("{tmp}/shards/manifest.json", "{}")),
     Row("evaluate-checkpoint-missing", "evaluate", ["--checkpoint", "{tmp}/nope.pth", "--data-dir", "{data}"],
         "checkpoint not found"),
     Row("evaluate-split-missing", "evaluate", ["--checkpoint", CKPT, "--data-dir", "{data}", "--split", "test"],

@@ -36,6 +36,7 @@ from timm_cskd.checkpoint import CheckpointError, load_model
 from timm_cskd.config import ConfigError
 from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex, build_index, find_split
 from timm_cskd.data.loader import build_val_prep, build_val_transform, create_val_loader
+from timm_cskd.data.shard_index import MANIFEST, is_shard_folder
 from timm_cskd.distributed import setup_context
 from timm_cskd.flag_checks import check_device
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
@@ -245,6 +246,11 @@ def _default_output(checkpoint: Path, split: str) -> Path:
 
 def _split_index(data_dir, name: str, names: list[str], class_names, num_classes: int):
     """(source, index) of a split: a folder or list file under ``data_dir``, checked against the model."""
+    if is_shard_folder(data_dir):
+        raise DataIndexError(
+            f"{data_dir} is a tar shard folder ({MANIFEST}): evaluate reads ImageFolders and list files; "
+            "point --data-dir at the folder the shards were written from"
+        )
     source = find_split(data_dir, names)
     if source is None:
         raise DataIndexError(f"no '{name}' folder or list file in {data_dir}")
