@@ -12,7 +12,7 @@ from timm_cskd.study.plan import Cell, Study, load_grid, plan_study
 from timm_cskd.study.rows import Row, parse_method_spec
 from timm_cskd.study.runner import CellResult, StudyReport, print_plan, run_cell, run_study
 from timm_cskd.study.summary import summarise
-from timm_cskd.study_tables import dataset_table
+from timm_cskd.study.tables import dataset_table
 
 __all__ = [
     "Cell",

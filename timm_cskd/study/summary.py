@@ -20,7 +20,7 @@ from timm_cskd.reliability import load_bins, plot_reliability_overlay
 from timm_cskd.results import TIMM_COLUMNS, results_row, write_results
 from timm_cskd.study.cells import INCOMPLETE, cell_state, read_record
 from timm_cskd.study.plan import CHECKPOINTS, Cell, Study
-from timm_cskd.study_report import analysis_lines
+from timm_cskd.study.report import analysis_lines
 
 __all__ = ["RESULTS_FILE", "summarise"]
 
