@@ -2,8 +2,10 @@
 trainer runs (``python -m timm_cskd.study --help`` describes the command and the grid file).
 
 ``rows`` and ``plan`` turn methods, sweeps and a grid file into cells with their commands; ``cells``
-keeps each cell's record and lock; ``runner`` runs the cells; ``summary`` writes the study's tables
-and files; ``cli`` is the command line."""
+keeps each cell's record and lock; ``runner`` runs the cells; ``summary`` writes the study's files;
+``tables``, ``stats`` and ``regime`` are the paper's tables, Welch's t and the calibration regime in
+words, and ``report`` the analysis from a study folder (``python -m timm_cskd.study_report``); ``cli`` is
+the command line."""
 
 from timm_cskd.study.cells import cell_state, check_study, claim_cell
 from timm_cskd.study.cli import main
