@@ -150,3 +150,31 @@ def test_errors_name_the_culprit(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
     with pytest.raises(ImportError, match=r"pip install 'timm-cskd\[study\]'"):
         figures.tsne_embedding(features, labels, [0, 1])
+
+
+def test_figures_name_a_label_as_the_study_names_its_folder(tmp_path, capsys):
+    """A label with characters a folder name replaces: figures' folder and files carry the study's name."""
+    from timm_cskd import study
+
+    data = tmp_path / "data"
+    data.mkdir()
+    planned = study.plan_study(
+        tmp_path / "study", {"fmnist+50 (v2)": data}, ["ce", "cskd:temperature=4,lambda=1"]
+    )
+    cells = []
+    for i, cell in enumerate(planned.cells):
+        write_run(cell.eval_dir, *synthetic(sharpness=4 - 2 * i, seed=i))
+        eval_dir = str(cell.eval_dir.relative_to(planned.output))
+        cells.append(
+            {"dataset": cell.dataset, "method": cell.row.label, "seed": cell.seed, "eval_dir": eval_dir}
+        )
+    (planned.output / "study.json").write_text(json.dumps({"cells": cells}))
+    out = tmp_path / "figs"
+    assert figures.main([str(planned.output), "--output", str(out), "--tsne-per-class", "4"]) == 0, (
+        capsys.readouterr().err
+    )
+    for cell in planned.cells:
+        dataset_folder, label_folder = cell.dir.parent.parent.name, cell.dir.parent.name
+        assert "=" in label_folder or label_folder == "ce"
+        check_png(out / dataset_folder / f"fig5_{label_folder}.png", min_size=(300, 300))
+    check_png(out / planned.cells[0].dir.parent.parent.name / f"fig2_{planned.cells[1].dir.parent.name}.png")

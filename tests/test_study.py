@@ -109,7 +109,7 @@ def test_sweep_expands_to_labelled_cells(tmp_path, data_dir, monkeypatch):
         yaml.safe_dump({"methods": ["ce"], "sweep": [sweep], "seeds": [0, 1]}, sort_keys=False)
     )
     planned = []
-    monkeypatch.setattr(st, "print_plan", lambda study, overwrite=False: planned.append(study))
+    monkeypatch.setattr(st.cli, "print_plan", lambda study, overwrite=False: planned.append(study))
     for source in (["--sweep", "cskd", "temperature=1,4", "lambda=1,2,3,4"], ["--grid", str(grid_file)]):
         argv = ["--data-dir", f"tiny={data_dir}", "--output", str(tmp_path / "study"), "-c", str(DEMO)]
         assert (

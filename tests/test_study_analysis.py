@@ -12,9 +12,9 @@ from scipy import stats
 
 from timm_cskd import study as st
 from timm_cskd import study_report
-from timm_cskd.study_regime import regime_paragraph
-from timm_cskd.study_stats import t_critical, t_two_sided_p, welch
-from timm_cskd.study_tables import COLUMNS, dataset_table, differences_legend, differences_table
+from timm_cskd.study.regime import regime_paragraph
+from timm_cskd.study.stats import t_critical, t_two_sided_p, welch
+from timm_cskd.study.tables import COLUMNS, dataset_table, differences_legend, differences_table
 
 
 @pytest.mark.parametrize("df", [1.0, 1.37, 2.0, 3.2, 4.0, 7.5, 30.0, 1e4])

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timm_cskd.atomic import atomic_path
 from timm_cskd.sampler import saved_position
 
 __all__ = [
@@ -43,40 +44,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike, *, keep_previous: bool = False) -> None:
     """Write to a temporary file, fsync, then rename over ``path``: a crash leaves the old file intact.
 
     ``keep_previous`` first renames an existing file to ``last-previous.pth.tar`` as a fallback.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(PREVIOUS))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(state, tmp)
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(PREVIOUS))
 
 
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy via a temporary file and rename, as atomic as save_checkpoint."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    with atomic_path(dst, durable=True) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> dict:

@@ -26,7 +26,7 @@ COMMANDS = {
     "compare": ("timm_cskd.compare:main", "evaluated runs side by side, in the paper's table layout"),
     "figures": ("timm_cskd.figures:main", "the paper's analysis figures from evaluated runs"),
     "study": ("timm_cskd.study:main", "a grid of datasets x methods x seeds, resumable, with the paper's tables"),
-    "study-report": ("timm_cskd.study_report:main", "a study folder's analysis per dataset"),
+    "study-report": ("timm_cskd.study.report:main", "a study folder's analysis per dataset"),
     "prepare": ("timm_cskd.data.prepare:main", "MNIST / Fashion-MNIST / CIFAR files on disk to ImageFolder trees"),
     "verify": ("timm_cskd.data.verify:main", "decode every image once, list those that cannot be decoded"),
     "shards": ("timm_cskd.data.shards:main", "an ImageFolder as webdataset tar shards with per-shard indexes, for node-local disks"),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot loads
 import numpy as np  # noqa: E402
 
+from timm_cskd.naming import slug  # noqa: E402
 from timm_cskd.reliability import load_bins, plot_reliability, plot_reliability_overlay  # noqa: E402
 
 __all__ = [
@@ -230,10 +230,6 @@ def plot_tsne(
     return _save(fig, Path(path))
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
-
-
 def figures_for_runs(
     runs: dict[str, str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -284,13 +280,13 @@ def figures_for_runs(
         written.append(
             plot_logprob_histograms(
                 pair,
-                out / f"fig2_{_slug(other)}.png",
+                out / f"fig2_{slug(other)}.png",
                 heading(f"log-probabilities on misclassified samples{versus}"),
             )
         )
     written.append(plot_tsne(embeddings, out / "fig3.png", heading("t-SNE of penultimate features")))
     for name, run_bins in bins.items():
-        path = out / f"fig5_{_slug(name)}.png"
+        path = out / f"fig5_{slug(name)}.png"
         plot_reliability(run_bins, path, title=f"{title}: {name}" if title else name, dpi=DPI)
         written.append(path)
     plot_reliability_overlay(bins, out / "fig5_overlay.png", dpi=DPI)
@@ -326,7 +322,7 @@ def figures_for_study(study_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     """``figures_for_runs`` per dataset of a study into ``out_dir/<dataset>/``."""
     written = []
     for dataset, runs in read_study(study_dir).items():
-        written += figures_for_runs(runs, Path(out_dir) / _slug(dataset), title=dataset, **options)
+        written += figures_for_runs(runs, Path(out_dir) / slug(dataset), title=dataset, **options)
     return written
 
 

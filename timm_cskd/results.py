@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from timm_cskd.atomic import write_atomic
+
 __all__ = ["FORMATS", "TIMM_COLUMNS", "evaluated_setup", "results_row", "write_results"]
 
 FORMATS = ("csv", "json")
@@ -82,10 +84,5 @@ def write_results(
         writer.writerows(rows)
         text = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, text)
     return path

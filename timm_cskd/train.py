@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from timm.utils.model import unwrap_model
 
 from timm_cskd import build
 from timm_cskd import checkpoint as ckpt
+from timm_cskd.atomic import write_atomic
 from timm_cskd.config import DEMO_CONFIG, ConfigError, dump_args, parse_args
 from timm_cskd.data.index import DataIndexError
 from timm_cskd.data.loader import (
@@ -47,16 +47,17 @@ from timm_cskd.experiment import (
     warn_single_image_classes,
 )
 from timm_cskd.methods import describe_methods, kd_config
+from timm_cskd.naming import format_duration
 from timm_cskd.run_lock import RunLockedError
 from timm_cskd.scalars import ScalarLog
 from timm_cskd.step import autocast_context, train_step
+from timm_cskd.stop_flag import StopFlag
 from timm_cskd.teacher import load_teacher
 
 __all__ = ["Trainer", "TrainingDivergedError", "run", "main"]
 
 _logger = logging.getLogger("timm_cskd.train")
 
-STOP_SIGNALS = (signal.SIGTERM,)
 # The earliest non-finite step, encoded so that a MAX all-reduce finds it: NO_STEP - step, 0 when none.
 NO_STEP = 2**50
 
@@ -85,29 +86,6 @@ class TrainState:
     epoch_count: int = 0
 
 
-class _StopFlag:
-    """Set by SIGTERM (a scheduler's preemption notice); checked between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class Trainer:
@@ -473,7 +451,7 @@ class Trainer:
         )
         return terms
 
-    def _agree(self, stop: _StopFlag, check_finite: bool = True) -> bool:
+    def _agree(self, stop: StopFlag, check_finite: bool = True) -> bool:
         """Whether any rank was asked to stop; raises on every rank if any rank saw a non-finite loss.
 
         All ranks stop at the same step, or one would wait forever in the next all-reduce."""
@@ -504,7 +482,7 @@ class Trainer:
         state.epoch_count = count_before + local_batches * ctx.world_size
         self.save()
 
-    def train_epoch(self, epoch: int, stop: _StopFlag) -> dict[str, float] | None:
+    def train_epoch(self, epoch: int, stop: StopFlag) -> dict[str, float] | None:
         """One epoch from the current position; returns its mean loss terms, or None when stopped.
 
         ``state.batch_in_epoch`` counts loader batches, ``state.global_step`` optimizer updates (the
@@ -589,7 +567,7 @@ class Trainer:
             ce,
             reg,
             lr,
-            _format_eta(eta),
+            format_duration(eta),
         )
 
     def sync_batchnorm_stats(self) -> None:
@@ -636,7 +614,7 @@ class Trainer:
             self.out_dir,
         )
         metrics: dict[str, float] = {}
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while state.epoch < self.num_epochs:
                 epoch = state.epoch
                 epoch_start = time.perf_counter()
@@ -691,9 +669,7 @@ class Trainer:
             "finished": self.state.epoch >= self.num_epochs,
         }
         try:
-            tmp = self.out_dir / ".status.json.tmp"
-            tmp.write_text(json.dumps(status))
-            os.replace(tmp, self.out_dir / "status.json")
+            write_atomic(self.out_dir / "status.json", json.dumps(status))
         except OSError as e:
             return ckpt.CheckpointError(f"cannot write {self.out_dir / 'status.json'}: {e}")
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from timm_cskd.study_tables import baseline_label, columns_for, differences, fmt_of, mean_of
+from timm_cskd.study.tables import baseline_label, columns_for, differences, fmt_of, mean_of
 
 __all__ = ["METRIC_NAMES", "regime_paragraph"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from timm_cskd.study_stats import ALPHA, Welch, welch
+from timm_cskd.study.stats import ALPHA, Welch, welch
 
 __all__ = [
     "COLUMNS",

@@ -1,0 +1,51 @@
+"""The helpers the trainer, checkpoints and studies share: atomic writes, the stop flag, names."""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from timm_cskd.atomic import atomic_path, write_atomic
+from timm_cskd.naming import format_duration, slug
+from timm_cskd.stop_flag import StopFlag
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "status.json"
+    write_atomic(path, "old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old"
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["status.json"]
+
+
+@pytest.mark.parametrize("seconds", [0, 59.9, 61, 3599, 3600, 3725.4, 86399, -5])
+def test_durations_are_hours_minutes_seconds(seconds):
+    assert format_duration(seconds) == str(datetime.timedelta(seconds=max(int(seconds), 0)))
+
+
+def test_durations_past_a_day_count_hours():
+    assert format_duration(100 * 3600 + 61) == "100:01:01"
+
+
+def test_a_label_keeps_its_study_folder_name():
+    # Studies find their cells again by these names: the names of existing study folders.
+    assert slug("cskd (temperature=1, lambda=1)") == "cskd_temperature=1_lambda=1"
+    assert slug("CS-KD + LS") == "CS-KD_+_LS"
+    assert slug("a__b/c") == "a_b_c" and slug("()") == "_"
+
+
+def test_sigterm_sets_the_flag_reaches_the_child_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopFlag() as stop:
+        stop.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.child.wait(timeout=30) == -signal.SIGTERM
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is before

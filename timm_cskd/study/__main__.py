@@ -1,0 +1,5 @@
+import sys
+
+from timm_cskd.study.cli import main
+
+sys.exit(main())
