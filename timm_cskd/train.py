@@ -86,8 +86,6 @@ class TrainState:
     epoch_count: int = 0
 
 
-
-
 class Trainer:
     def __init__(self, args):
         self.method_cls = validate_args(args)
