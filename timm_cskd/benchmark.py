@@ -36,6 +36,7 @@ import torch
 
 from timm_cskd.config import ConfigError, parse_args
 from timm_cskd.data.index import DataIndexError, build_index, find_split
+from timm_cskd.distributed import detect_launch, select_device
 from timm_cskd.experiment import validate_args
 from timm_cskd.throughput import loader_rates, median, time_rounds, torch_train_loader, training_step
 
@@ -99,7 +100,7 @@ def run(bench: argparse.Namespace, args) -> None:
     method_cls = validate_args(args)
     index = _train_index(args)
     num_classes = index.num_classes if index is not None else args.num_classes or DEFAULT_CLASSES
-    device = torch.device(args.device)
+    device = select_device(args.device, detect_launch())
     if device.type == "cuda":  # as the trainer sets them (timm_cskd.distributed)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

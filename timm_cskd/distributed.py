@@ -27,7 +27,7 @@ from torch.distributed.rendezvous import register_rendezvous_handler, rendezvous
 
 from timm_cskd.config import ConfigError
 
-__all__ = ["Context", "Launch", "detect_launch", "setup_context"]
+__all__ = ["Context", "Launch", "detect_launch", "select_device", "setup_context"]
 
 _logger = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def _init_url(launch: Launch) -> str:
     return "env://"
 
 
-def _select_device(requested: str | None, launch: Launch) -> torch.device:
+def select_device(requested: str | None, launch: Launch) -> torch.device:
+    """``--device`` (default: CUDA where available, else the CPU), the launch's local device."""
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {requested}: CUDA is not available on {socket.gethostname()}")
@@ -236,7 +237,7 @@ class Context:
 
 def setup_context(args) -> Context:
     launch = detect_launch()
-    device = _select_device(args.device, launch)
+    device = select_device(args.device, launch)
     ctx = Context(device, launch.world_size, launch.rank, launch.local_rank)
     if ctx.distributed:
         store, rank, world_size = next(rendezvous(_init_url(launch), timeout=dist.default_pg_timeout))
