@@ -61,9 +61,10 @@ import numpy as np
 import yaml
 
 from timm_cskd import evaluate
-from timm_cskd.config import ConfigError, load_yaml_defaults, resolve_config
 from timm_cskd.config import build_parser as trainer_parser
+from timm_cskd.config import load_yaml_defaults, resolve_config
 from timm_cskd.data.index import find_split
+from timm_cskd.errors import ConfigError
 from timm_cskd.figures import FiguresError, figures_for_study
 from timm_cskd.methods import LEGACY_KWARGS, get_method, method_hparams
 from timm_cskd.reliability import load_bins, plot_reliability_overlay

@@ -16,7 +16,7 @@ import torch
 from timm.task.distillation import DistillationTeacher
 
 from timm_cskd.checkpoint import CheckpointError, load_model
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 
 __all__ = ["input_renormalisation", "load_teacher"]
 

@@ -23,7 +23,7 @@ from timm.utils.model import unwrap_model
 
 from timm_cskd import build
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import DEMO_CONFIG, ConfigError, dump_args, parse_args
+from timm_cskd.config import DEMO_CONFIG, dump_args, parse_args
 from timm_cskd.data.index import DataIndexError
 from timm_cskd.data.loader import (
     SeededBatches,
@@ -35,6 +35,7 @@ from timm_cskd.data.loader import (
     resolve_pin_memory,
 )
 from timm_cskd.distributed import Context, setup_context
+from timm_cskd.errors import ConfigError
 from timm_cskd.evaluate import evaluate
 from timm_cskd.experiment import (
     load_indices,

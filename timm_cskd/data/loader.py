@@ -19,10 +19,10 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
-from timm_cskd.config import ConfigError
 from timm_cskd.data.device_prep import DeviceLoader, DevicePrep
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.data.workers import become_worker, stop_signal_blocked
+from timm_cskd.errors import ConfigError
 from timm_cskd.run_lock import close_inherited
 from timm_cskd.sampler import ClassPairSampler, ShuffledBatchSampler
 
