@@ -46,7 +46,7 @@ def refused_settings(args: argparse.Namespace) -> list[str]:
     found = []
     for dest, (default, reason) in REFUSED.items():
         value = getattr(args, dest)
-        if dest == "dataset" and value in FOLDER_DATASETS:
+        if dest == "dataset" and (value in FOLDER_DATASETS or str(value).startswith("wds/")):
             continue
         if isinstance(value, tuple):
             value = list(value)

@@ -30,7 +30,7 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         default="",
         metavar="NAME",
-        why="reads ImageFolder trees and list files only (torch/, hfds/, wds/, tfds/ datasets are not wired to the class-pair plan)",
+        why="reads ImageFolder trees, list files and timm_cskd.data.shards folders (wds/) only (torch/, hfds/, tfds/ datasets are not wired to the class-pair plan)",
     )
     g.add_argument("--train-split", default="train", help="folder or list file under --data-dir")
     g.add_argument(
