@@ -34,9 +34,10 @@ from pathlib import Path
 import timm
 import torch
 
-from timm_cskd.config import ConfigError, parse_args
+from timm_cskd.config import parse_args
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.distributed import detect_launch, select_device
+from timm_cskd.errors import ConfigError
 from timm_cskd.experiment import validate_args
 from timm_cskd.throughput import loader_rates, median, time_rounds, torch_train_loader, training_step
 

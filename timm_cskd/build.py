@@ -19,7 +19,7 @@ from timm.loss import BinaryCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 
 __all__ = [
     "create_bce",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from timm_cskd.atomic import atomic_path
+from timm_cskd.methods import get_method
 from timm_cskd.sampler import saved_position
 
 __all__ = [
@@ -186,8 +187,6 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, ema: bool
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     method, method_kwargs = (train_args or {}).get("method"), (train_args or {}).get("method_kwargs") or {}
     if method is not None:
-        from timm_cskd.methods import get_method
-
         # The method's change to the model (a cosine head, a bias-free classifier) holds these weights.
         model = get_method(method).adapt_model(model, method_kwargs)
     try:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import register_rendezvous_handler, rendezvous
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 
 __all__ = ["Context", "Launch", "detect_launch", "select_device", "setup_context"]
 

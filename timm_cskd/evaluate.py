@@ -33,11 +33,11 @@ from timm.data import resolve_data_config
 
 from timm_cskd.calibration import T_MAX, T_MIN, fit_temperature, temperature_scaled_metrics
 from timm_cskd.checkpoint import CheckpointError, load_model
-from timm_cskd.config import ConfigError
 from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex, build_index, find_split
 from timm_cskd.data.loader import build_val_prep, build_val_transform, create_val_loader
 from timm_cskd.data.shard_index import MANIFEST, is_shard_folder
 from timm_cskd.distributed import setup_context
+from timm_cskd.errors import ConfigError
 from timm_cskd.flag_checks import check_device
 from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
 from timm_cskd.reliability import bins_to_dict, plot_reliability

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import DEFAULT_VAL_SPLIT, ConfigError, refused_settings
+from timm_cskd.config import DEFAULT_VAL_SPLIT, refused_settings
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.data.shard_index import (
     MANIFEST,
@@ -27,6 +27,7 @@ from timm_cskd.data.shard_index import (
 )
 from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context
+from timm_cskd.errors import ConfigError
 from timm_cskd.flag_checks import check_flag_values
 from timm_cskd.methods import Method, kd_config, resolve_method
 from timm_cskd.run_lock import RunLock, RunLockedError

@@ -16,7 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 
 __all__ = ["check_device", "check_flag_values"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 
 __all__ = ["ScalarLog"]
 

@@ -3,8 +3,8 @@ weights, which must be in the local cache when offline), an ``hf-hub:`` id, a ``
 timm-cskd training checkpoint or exported folder, or a plain state_dict (with ``--kd-model-arch``).
 
 The teacher is timm's ``DistillationTeacher``: eval mode, frozen, with the mean/std it was trained with
-(taken from the teacher checkpoint's own data config when it has one); ``input_renormalisation`` maps the
-student's normalised input onto them.
+(taken from the teacher checkpoint's own data config when it has one);
+``timm_cskd.methods.kd_input.input_renormalisation`` maps the student's normalised input onto them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from timm.task.distillation import DistillationTeacher
 
 from timm_cskd.checkpoint import CheckpointError, load_model
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 
-__all__ = ["input_renormalisation", "load_teacher"]
+__all__ = ["load_teacher"]
 
 
 def _create(name: str, num_classes: int) -> torch.nn.Module:
@@ -66,24 +66,6 @@ def load_teacher(
         teacher.std_kd.copy_(torch.tensor(std).view(1, -1, 1, 1))
     teacher.requires_grad_(False)
     return teacher, source
-
-
-def input_renormalisation(
-    teacher: DistillationTeacher, mean, std
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(scale, shift)`` with ``x * scale + shift`` equal to timm's ``teacher.normalize_input(x, mean,
-    std)`` for input ``x`` normalised with the student's ``mean``/``std``; None when the teacher expects
-    the same normalisation.
-
-    Decided once, when the task is built: ``normalize_input`` compares the buffers with ``torch.equal``
-    at every call, a device-to-host synchronisation per training step on a GPU."""
-    student_mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    student_std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    teacher_mean = teacher.mean_kd.detach().to("cpu", torch.float32)
-    teacher_std = teacher.std_kd.detach().to("cpu", torch.float32)
-    if torch.equal(student_mean, teacher_mean) and torch.equal(student_std, teacher_std):
-        return None
-    return student_std / teacher_std, (student_mean - teacher_mean) / teacher_std
 
 
 def unwrap_name(model: torch.nn.Module) -> str:

@@ -23,7 +23,7 @@ from timm.utils.model import unwrap_model
 from timm_cskd import build
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.atomic import write_atomic
-from timm_cskd.config import DEMO_CONFIG, ConfigError, dump_args, parse_args
+from timm_cskd.config import DEMO_CONFIG, dump_args, parse_args
 from timm_cskd.data.index import DataIndexError
 from timm_cskd.data.loader import (
     SeededBatches,
@@ -36,6 +36,7 @@ from timm_cskd.data.loader import (
 )
 from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.distributed import Context, setup_context
+from timm_cskd.errors import ConfigError
 from timm_cskd.evaluate import evaluate
 from timm_cskd.experiment import (
     load_indices,

@@ -37,11 +37,11 @@ import tempfile
 import numpy as np
 import torch
 
-from timm_cskd.config import ConfigError
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.data.loader import create_batch_sampler
 from timm_cskd.data.mapped_index import MappedIndex
 from timm_cskd.data.workers import become_deaf_worker
+from timm_cskd.errors import ConfigError
 
 try:
     from nvidia.dali import fn, pipeline_def, types

@@ -19,11 +19,11 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
-from timm_cskd.config import ConfigError
 from timm_cskd.data.device_prep import DeviceLoader, DevicePrep
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.data.workers import become_worker, stop_signal_blocked
+from timm_cskd.errors import ConfigError
 from timm_cskd.run_lock import close_inherited
 from timm_cskd.sampler import ClassPairSampler, ShuffledBatchSampler
 from timm_cskd.shard_sampler import RankClassPairSampler, RankShuffledBatchSampler

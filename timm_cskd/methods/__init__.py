@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from timm_cskd.config import ConfigError
+from timm_cskd.config.legacy import LEGACY_KWARGS, LEGACY_MODES
+from timm_cskd.errors import ConfigError
 from timm_cskd.methods.base import Hyper, KDConfig, Method
 
 __all__ = [
@@ -29,10 +30,6 @@ __all__ = [
     "register",
     "resolve_method",
 ]
-
-# The first release's --cskd-mode values, as methods.
-LEGACY_MODES = {"anchor": "cskd", "paired": "cskd-paired", "off": "ce"}
-LEGACY_KWARGS = {"cskd_temperature": "temperature", "cskd_lambda": "lambda"}
 
 METHODS: dict[str, type[Method]] = {}
 # --list-methods and the README follow the paper's tables; methods not named here come after.

@@ -18,7 +18,7 @@ distributions at its temperature, as timm's own distillation task combines any t
 
 The teacher (timm's ``DistillationTeacher``) runs in eval mode under ``no_grad`` and the caller's
 autocast, on the images the method's main logits came from, re-normalised by an affine map fixed when
-the task is built (``timm_cskd.teacher.input_renormalisation``); it stays out of DDP, EMA, the optimizer
+the task is built (``timm_cskd.methods.kd_input.input_renormalisation``); it stays out of DDP, EMA, the optimizer
 and the checkpoint.
 """
 
@@ -37,7 +37,7 @@ from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils.model import unwrap_model
 
-from timm_cskd.teacher import input_renormalisation
+from timm_cskd.methods.kd_input import input_renormalisation
 
 __all__ = [
     "Hyper",

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 from timm_cskd.methods import register
 from timm_cskd.methods.base import Hyper, Method, MethodModule, kl_to_target
 

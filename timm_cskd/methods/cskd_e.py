@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from timm.data import create_transform
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 from timm_cskd.loss import CSKDLoss
 from timm_cskd.methods import register
 from timm_cskd.methods.base import Hyper, Method

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils.model import unwrap_model
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 from timm_cskd.methods import register
 from timm_cskd.methods.base import Method, WithFeatures
 

@@ -40,7 +40,7 @@ import argparse
 import shlex
 import sys
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 from timm_cskd.study.errors import StudyError
 from timm_cskd.study.plan import CHECKPOINTS, load_grid, plan_study
 from timm_cskd.study.rows import literal

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 
 __all__ = ["ReportError", "StudyError"]
 

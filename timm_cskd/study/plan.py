@@ -17,9 +17,10 @@ from pathlib import Path
 import yaml
 
 from timm_cskd import evaluate
-from timm_cskd.config import ConfigError, load_yaml_defaults, resolve_config
 from timm_cskd.config import build_parser as trainer_parser
+from timm_cskd.config import load_yaml_defaults, resolve_config
 from timm_cskd.data.index import find_split
+from timm_cskd.errors import ConfigError
 from timm_cskd.methods import LEGACY_KWARGS
 from timm_cskd.naming import slug
 from timm_cskd.study.errors import StudyError

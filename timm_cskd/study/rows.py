@@ -8,7 +8,7 @@ import ast
 import itertools
 from dataclasses import dataclass
 
-from timm_cskd.config import ConfigError
+from timm_cskd.errors import ConfigError
 from timm_cskd.methods import get_method, method_hparams
 from timm_cskd.study.errors import StudyError
 
