@@ -39,7 +39,7 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """Forward and backward one batch through ``task`` (a ``timm_cskd.methods.Method``); step the
     optimizer when ``update`` (the last of ``accum`` accumulated batches). Returns the task's result
-    (``loss``, ``ce``, ``reg``, ``output``); ``synchronize`` waits for the device after an update
+    (``loss``, ``ce``, ``reg``, ``terms``, ``output``); ``synchronize`` waits for the device after an update
     (timm's --synchronize-step)."""
     with contextlib.nullcontext() if update else task.no_sync():
         with autocast():

@@ -125,4 +125,4 @@ class AdaCos(Method):
                 head.scale.copy_(scale)
         output = scale * cos
         ce = self.ce_weight * self.ce(output, target)
-        return ce, ce.detach(), output, input
+        return ce, {"ce": ce.detach()}, output, input

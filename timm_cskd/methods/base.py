@@ -7,10 +7,12 @@ whether Mixup/CutMix and timm's ``--bce-loss`` make sense for it, and how its we
 timm architecture for export. The trainer builds the sampler, the transforms and the model from those declarations, so adding
 a method touches only its module.
 
-Every method computes ``ce`` (its cross-entropy part) and a regulariser; knowledge distillation from a
-teacher (``--kd-model-name``) composes with any of them here, in the base class:
+Every method computes ``ce`` (its cross-entropy part) and a regulariser, and names the regulariser's terms
+(``terms``: CS-KD's ``kl``, BYOT's ``aux_ce``, ``kl`` and ``feature``, ...) as its formula writes them,
+unweighted; the trainer logs each (``train_<term>`` in summary.csv). Knowledge distillation from a
+teacher (``--kd-model-name``) composes with any of them here, in the base class, as the term ``kd``:
 
-    loss = task_weight * CE + method regulariser + distill_weight * T^2 * KL(sg p_teacher || p_student)
+    loss = task_weight * CE + method regulariser + distill_weight * kd,  kd = T^2 * KL(sg p_teacher || p_student)
 
 With ``--bce-loss`` the task term CE is timm's ``BinaryCrossEntropy`` (one sigmoid per class, its
 ``--bce-*`` options, Mixup/CutMix soft targets) and every distillation term stays a KL between softmax
@@ -153,9 +155,10 @@ class WithFeatures(MethodModule):
 class Method(TrainingTask):
     """Base class: subclasses set the class attributes and implement ``compute``.
 
-    ``compute(input, target)`` returns ``(loss, ce, output, kd_input)``: the method's loss with its CE
-    part weighted by ``self.ce_weight`` (KD's task weight, else 1), that weighted CE term detached, the
-    main logits (with grad) and the images they came from (the teacher's input under KD).
+    ``compute(input, target)`` returns ``(loss, terms, output, kd_input)``: the method's loss with its CE
+    part weighted by ``self.ce_weight`` (KD's task weight, else 1), its detached terms by name (``ce``,
+    that weighted CE term, and the unweighted terms of ``terms``), the main logits (with grad) and the
+    images they came from (the teacher's input under KD).
     """
 
     name: ClassVar[str] = ""
@@ -168,6 +171,8 @@ class Method(TrainingTask):
     # Whether timm's --bce-loss can stand in for the task term, and why not when it cannot.
     bce_loss: ClassVar[bool] = True
     bce_note: ClassVar[str] = ""
+    # The loss terms ``compute`` returns besides ``ce``, named as the formula writes them.
+    terms: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def views(cls, hp: dict) -> list[dict]:
@@ -328,14 +333,23 @@ class Method(TrainingTask):
     def compute(self, input, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The names of ``forward``'s ``terms``: ``ce``, the method's own, then ``kd`` with a teacher."""
+        return ("ce", *self.terms, *(("kd",) if self.teacher is not None else ()))
+
     def forward(self, input, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        loss, ce, output, kd_input = self.compute(input, target)
+        """``loss`` (with grad), ``output`` (the main logits), ``terms`` (detached, by ``term_names``),
+        ``ce`` and ``reg`` (``loss - ce``, everything besides the task term)."""
+        loss, terms, output, kd_input = self.compute(input, target)
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_input = kd_input.detach()
                 if self.kd_input_scale is not None:
                     teacher_input = teacher_input * self.kd_input_scale + self.kd_input_shift
                 teacher_logits = self.teacher(teacher_input)
-            loss = loss + self.kd.distill_weight * kl_to_target(output, teacher_logits, self.kd.temperature)
-        loss_value = loss.detach()
-        return {"loss": loss, "output": output.detach(), "ce": ce, "reg": loss_value - ce}
+            kd = kl_to_target(output, teacher_logits, self.kd.temperature)
+            loss = loss + self.kd.distill_weight * kd
+            terms = {**terms, "kd": kd.detach()}
+        ce = terms["ce"]
+        return {"loss": loss, "output": output.detach(), "ce": ce, "reg": loss.detach() - ce, "terms": terms}

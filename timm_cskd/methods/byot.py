@@ -130,6 +130,9 @@ class BYOT(Method):
         ),
     }
     mixup = True
+    # Summed over the heads: aux_ce the CE(q_i), kl the KL(sg p_deep || p_i) at T, feature the ||F_i - sg F_deep||^2;
+    # loss = ce + (1 - alpha) aux_ce + alpha T^2 kl + lambda feature.
+    terms = ("aux_ce", "kl", "feature")
 
     def build_trainable(self, model):
         return BYOTModule(model, self.hp["heads"])
@@ -139,9 +142,23 @@ class BYOT(Method):
         logits, features, aux_logits, aux_features = self.module(input)
         ce = self.ce_weight * self.ce(logits, target)
         alpha, deep = self.hp["alpha"], features.detach().float()
-        loss = ce
+        loss, aux_ce, kl, feature = ce, 0.0, 0.0, 0.0
         for q, f in zip(aux_logits, aux_features):
-            loss = loss + (1.0 - alpha) * self.ce(q, target)
-            loss = loss + alpha * kl_to_target(q, logits, self.hp["temperature"])
-            loss = loss + self.hp["lambda"] * (f.float() - deep).pow(2).sum(1).mean()
-        return loss, ce.detach(), logits, input
+            head_ce = self.ce(q, target)
+            head_kl = kl_to_target(q, logits, self.hp["temperature"])  # T^2 * KL
+            head_feature = (f.float() - deep).pow(2).sum(1).mean()
+            loss = loss + (1.0 - alpha) * head_ce
+            loss = loss + alpha * head_kl
+            loss = loss + self.hp["lambda"] * head_feature
+            aux_ce, kl, feature = (
+                aux_ce + head_ce.detach(),
+                kl + head_kl.detach(),
+                feature + head_feature.detach(),
+            )
+        terms = {
+            "ce": ce.detach(),
+            "aux_ce": aux_ce,
+            "kl": kl / self.hp["temperature"] ** 2,
+            "feature": feature,
+        }
+        return loss, terms, logits, input

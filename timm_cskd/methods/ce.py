@@ -27,7 +27,7 @@ class CrossEntropy(Method):
         input, target, _ = self.mix(input, target)
         output = self.module(input)
         ce = self.ce_weight * self.ce(output, target)
-        return ce, ce.detach(), output, input
+        return ce, {"ce": ce.detach()}, output, input
 
 
 @register
@@ -55,6 +55,7 @@ class LabelSmoothing(CrossEntropy):
 class MaxEntropy(Method):
     name = "maxent"
     formula = "CE(f(x), y) - beta H(p(x)), H = -sum_k p_k log p_k"
+    terms = ("entropy",)
     reference = "Pereyra et al., 2017 (arXiv:1701.06548); the paper's Tables 1 and 2"
     hparams = {
         "beta": Hyper(
@@ -71,4 +72,4 @@ class MaxEntropy(Method):
         ce = self.ce_weight * self.ce(output, target)
         log_p = torch.log_softmax(output.float(), dim=1)
         entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
-        return ce - self.hp["beta"] * entropy, ce.detach(), output, input
+        return ce - self.hp["beta"] * entropy, {"ce": ce.detach(), "entropy": entropy.detach()}, output, input

@@ -50,6 +50,8 @@ def mixed_partner_logits(partner_logits: torch.Tensor, lam: float, temperature: 
 
 class _CSKDBase(Method):
     hparams = CSKD_HPARAMS
+    # kl: the batch-mean KL(sg p(x'; T) || p(x; T)); loss = ce + lambda * T^2 * kl.
+    terms = ("kl",)
 
     def __init__(self, model, hp, **kwargs):
         super().__init__(model, hp, **kwargs)
@@ -78,7 +80,7 @@ class CSKD(_CSKDBase):
                 partner_logits = mixed_partner_logits(partner_logits, lam, self.criterion.temperature)
         loss = self.criterion(output, anchor_target, partner_logits)
         loss, ce = self.with_task_term(loss, self.criterion, output, anchor_target)
-        return loss, ce, output, anchors
+        return loss, {"ce": ce, "kl": self.criterion.last_terms[1]}, output, anchors
 
 
 @register
@@ -94,4 +96,4 @@ class CSKDPaired(_CSKDBase):
         output = self.module(input)
         loss = self.criterion.forward_paired(output, target)
         loss, ce = self.with_task_term(loss, self.criterion, output, target)
-        return loss, ce, output, input
+        return loss, {"ce": ce, "kl": self.criterion.last_terms[1]}, output, input

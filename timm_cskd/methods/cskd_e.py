@@ -59,6 +59,8 @@ class CSKDE(Method):
             "its increasing Posterize keeps 0 bits, which Pillow 13 rejects",
         ),
     }
+    # kl, kl_e: the class-wise and the sample-wise batch-mean KL; loss = ce + T^2 (lambda kl + lambda_E kl_e).
+    terms = ("kl", "kl_e")
     batches = "anchor"
     mixup = False
     mixup_note = (
@@ -100,5 +102,6 @@ class CSKDE(Method):
             partner_logits, standard_logits = self.module(torch.cat([strong[k:], standard[:k]])).split(k)
         loss = self.criterion(output, anchor_target, partner_logits)
         loss, ce = self.with_task_term(loss, self.criterion, output, anchor_target)
+        kl = self.criterion.last_terms[1]
         loss = loss + self.sample_criterion(output, anchor_target, standard_logits)
-        return loss, ce, output, anchors
+        return loss, {"ce": ce, "kl": kl, "kl_e": self.sample_criterion.last_terms[1]}, output, anchors

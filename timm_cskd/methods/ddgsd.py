@@ -47,6 +47,8 @@ class DDGSD(Method):
             5e-4, "weight of the squared distance of the views' mean features (Self-KD-Lib's 5e-4)", low=0
         ),
     }
+    # kl: KL(sg p_b || p_a) + KL(sg p_a || p_b); mmd: ||mean f_a - mean f_b||^2.
+    terms = ("kl", "mmd")
     mixup = False
     mixup_note = (
         "DDGSD distils between two augmentations of one image; batch Mixup would mix each view with "
@@ -78,4 +80,6 @@ class DDGSD(Method):
         loss, ce = self.with_task_term(loss, self.criterion, logits, targets, scale=2.0)
         f_a, f_b = features.float().chunk(2)
         mmd = (f_a.mean(0) - f_b.mean(0)).pow(2).sum()
-        return loss + self.hp["mu"] * mmd, ce, logits, images
+        # The symmetric fused KL is a mean over 2B images: twice it is the sum of the two directions' means.
+        terms = {"ce": ce, "kl": 2.0 * self.criterion.last_terms[1], "mmd": mmd.detach()}
+        return loss + self.hp["mu"] * mmd, terms, logits, images

@@ -95,4 +95,4 @@ class VirtualSoftmax(Method):
         weight = unwrap_model(self.module).model.get_classifier().weight
         loss = self.ce_weight * virtual_softmax_loss(logits, features, weight, target, self.smoothing)
         ce = self.ce_weight * self.ce(logits.detach(), target)
-        return loss, ce, logits, input
+        return loss, {"ce": ce}, logits, input
