@@ -17,7 +17,7 @@ from test_ddp import free_port
 
 from timm_cskd import evaluate, train
 from timm_cskd.config import ConfigError
-from timm_cskd.distributed import Launch, _select_device, detect_launch
+from timm_cskd.distributed import Launch, select_device, detect_launch
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,7 +82,7 @@ def test_each_rank_takes_its_gpu(monkeypatch, visible, local_rank, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    device = _select_device(
+    device = select_device(
         None, Launch(world_size=8, rank=local_rank, local_rank=local_rank, launcher="srun")
     )
     assert device == torch.device(expected)
@@ -93,7 +93,7 @@ def test_more_ranks_than_visible_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ConfigError, match="local rank 2 .* sees 2 cuda devices"):
-        _select_device("cuda", Launch(world_size=4, rank=2, local_rank=2, launcher="torchrun"))
+        select_device("cuda", Launch(world_size=4, rank=2, local_rank=2, launcher="torchrun"))
 
 
 @pytest.fixture(scope="module")
