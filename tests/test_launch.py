@@ -17,7 +17,7 @@ from test_ddp import free_port
 
 from timm_cskd import evaluate, train
 from timm_cskd.config import ConfigError
-from timm_cskd.distributed import Launch, select_device, detect_launch
+from timm_cskd.distributed import Launch, detect_launch, select_device
 
 HERE = Path(__file__).resolve().parent
 

@@ -136,6 +136,22 @@ def create_bce(args, mixup: bool) -> BinaryCrossEntropy | None:
     )
 
 
+def create_task(args, method_cls, model: nn.Module, data_config: dict, mixup_fn, teacher, kd, device):
+    """The method's ``TrainingTask`` around ``model`` from the run's flags, as the trainer and the
+    benchmark build it (``method_cls`` from the registry; ``teacher``/``kd`` None without distillation)."""
+    return method_cls(
+        model,
+        args.method_kwargs,
+        mixup_fn=mixup_fn,
+        smoothing=args.smoothing,
+        bce=create_bce(args, mixup=mixup_fn is not None),
+        teacher=teacher,
+        kd=kd,
+        normalization=(data_config["mean"], data_config["std"]),
+        device=device,
+    )
+
+
 def resolve_lr(args, world_size: int) -> float:
     """--lr, or --lr-base scaled by the global batch (gradient accumulation included) over --lr-base-size,
     linearly or by its square root (timm's default for ada*/lamb optimizers)."""

@@ -144,17 +144,7 @@ def training_step(args, method_cls: type[Method], num_classes: int, device: torc
     teacher, kd = None, kd_config(args)
     if kd is not None:
         teacher, _ = load_teacher(args.kd_model_name, num_classes, args.kd_model_arch)
-    task = method_cls(
-        model,
-        args.method_kwargs,
-        mixup_fn=mixup_fn,
-        smoothing=args.smoothing,
-        bce=build.create_bce(args, mixup=mixup_fn is not None),
-        teacher=teacher,
-        kd=kd,
-        normalization=(data_config["mean"], data_config["std"]),
-        device=device,
-    )
+    task = build.create_task(args, method_cls, model, data_config, mixup_fn, teacher, kd, device)
     task.to(device)
     if args.channels_last:
         task.to(memory_format=torch.channels_last)

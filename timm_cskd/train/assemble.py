@@ -100,17 +100,7 @@ def assemble(args, ctx: Context, out_dir: Path, method_cls: type[Method], saved_
             kd.task_weight,
             kd.distill_weight,
         )
-    task = method_cls(
-        model,
-        args.method_kwargs,
-        mixup_fn=mixup_fn,
-        smoothing=args.smoothing,
-        bce=build.create_bce(args, mixup=mixup_fn is not None),
-        teacher=teacher,
-        kd=kd,
-        normalization=(data_config["mean"], data_config["std"]),
-        device=ctx.device,
-    )
+    task = build.create_task(args, method_cls, model, data_config, mixup_fn, teacher, kd, ctx.device)
     if args.sync_bn and ctx.distributed:
         task.trainable_module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task.trainable_module)
     task.to(ctx.device)
