@@ -49,3 +49,31 @@ def test_sigterm_sets_the_flag_reaches_the_child_and_the_old_handler_comes_back(
         assert stop.child.wait(timeout=30) == -signal.SIGTERM
         assert stop.requested
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_requested_while_the_child_starts_still_reaches_it():
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        stop.watch(child)
+        assert child.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_failed_checkpoint_save_keeps_last_in_place(tmp_path, monkeypatch):
+    """A quota error that a network file system reports only at fsync: last.pth.tar stays readable."""
+    import torch
+
+    from timm_cskd.checkpoint import load_checkpoint_file, save_checkpoint
+
+    last = tmp_path / "last.pth.tar"
+    save_checkpoint({"epoch": 1}, last, keep_previous=True)
+
+    def quota_exceeded(fd):
+        raise OSError(122, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "fsync", quota_exceeded)
+    with pytest.raises(OSError, match="quota"):
+        save_checkpoint({"epoch": 2, "weights": torch.zeros(4)}, last, keep_previous=True)
+    assert load_checkpoint_file(last)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"], "no temporary file left behind"

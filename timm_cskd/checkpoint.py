@@ -52,7 +52,12 @@ def save_checkpoint(state: dict, path: str | os.PathLike, *, keep_previous: bool
     """
     path = Path(path)
     with atomic_path(path, durable=True) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            # Synced before the old file is renamed away: a kill during a multi-GB fsync, or a quota
+            # error that network file systems report only here, leaves last.pth.tar in place.
+            os.fsync(f.fileno())
         if keep_previous and path.exists():
             os.replace(path, path.with_name(PREVIOUS))
 

@@ -27,13 +27,20 @@ class StopFlag:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def watch(self, child: subprocess.Popen | None) -> None:
+        """Pass stop signals on to ``child`` from now on (None: to nobody); one that arrived while it was
+        starting is passed on at once."""
+        self.child = child
+        if child is not None and self.requested and child.poll() is None:
+            child.send_signal(STOP_SIGNALS[0])
+
     def _handle(self, signum, frame):
         self.requested = True
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
 
     def __exit__(self, *exc):
-        # None: the previous handler was not set from Python and cannot be restored from it.
+        # None: the previous handler was installed outside Python; the default is the closest to it
+        # (leaving ours would turn a later SIGTERM into a flag nobody reads).
         for sig, handler in self._previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

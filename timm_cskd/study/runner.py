@@ -58,11 +58,11 @@ def _run_logged(command: list[str], log: Path, stop: StopFlag) -> int:
         f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
         f.flush()
         with subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env) as child:
-            stop.child = child
+            stop.watch(child)
             try:
                 return child.wait()
             finally:
-                stop.child = None
+                stop.watch(None)
 
 
 def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
