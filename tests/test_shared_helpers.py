@@ -77,3 +77,24 @@ def test_a_failed_checkpoint_save_keeps_last_in_place(tmp_path, monkeypatch):
         save_checkpoint({"epoch": 2, "weights": torch.zeros(4)}, last, keep_previous=True)
     assert load_checkpoint_file(last)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"], "no temporary file left behind"
+
+
+def test_summary_rows_line_up_with_the_header_when_a_resumed_run_logs_other_columns(tmp_path):
+    """timm's update_summary writes by position: a resumed run with the method's terms (or a teacher)
+    would shift every later value. Checked by reading the file back by column name."""
+    import csv
+
+    from timm_cskd.train.records import append_summary_row
+
+    path = tmp_path / "summary.csv"
+    old = {"loss": 2.0, "ce": 1.5, "reg": 0.5, "img_per_sec": 100.0}
+    append_summary_row(path, 0, old, {"nll": 1.25, "top1_err": 40.0}, lr=0.1)
+    new = {"loss": 1.0, "ce": 0.75, "reg": 0.25, "kl": 0.0625, "img_per_sec": 110.0}
+    append_summary_row(path, 1, new, {"nll": 0.5, "top1_err": 20.0}, lr=0.01)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert rows[0]["train_kl"] == "" and float(rows[1]["train_kl"]) == 0.0625
+    assert float(rows[1]["train_img_per_sec"]) == 110.0 and float(rows[1]["eval_nll"]) == 0.5
+    assert float(rows[1]["lr"]) == 0.01 and float(rows[0]["eval_top1_err"]) == 40.0
+    assert None not in rows[1], "no value without a column"

@@ -51,7 +51,7 @@ class Trainer:
             self._first_bad_step = torch.zeros((), dtype=torch.int64, device=ctx.device)
             self.state = TrainState(epoch_sums=[0.0] * len(self.columns))
             if resume is not None:
-                self.state = restore(self, *resume, columns=len(self.columns))
+                self.state = restore(self, *resume, columns=self.columns)
             remove_previous_run(args, ctx, self.out_dir)
             if ctx.primary:
                 dump_args(args, self.out_dir / "args.yaml")

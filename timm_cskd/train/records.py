@@ -1,4 +1,4 @@
-"""What a run records on rank 0: each epoch's row in ``summary.csv`` (timm's ``update_summary``: ``train_loss``,
+"""What a run records on rank 0: each epoch's row in ``summary.csv`` (timm's layout: ``train_loss``,
 ``train_ce``, ``train_reg`` and the method's own terms as ``train_<term>``, the evaluation columns, ``lr``)
 and in W&B/TensorBoard, ``status.json``, the best and the kept (``--checkpoint-hist``) checkpoints, and the
 final table.
@@ -6,11 +6,11 @@ final table.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from pathlib import Path
-
-from timm.utils import update_summary
 
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.atomic import write_atomic
@@ -28,6 +28,35 @@ __all__ = [
 _logger = logging.getLogger("timm_cskd.train")
 
 EVAL_COLUMNS = ("nll", "top1_err", "top5_err", "ece")
+
+
+def append_summary_row(path: Path, epoch: int, train_metrics: dict, eval_row: dict, lr: float) -> None:
+    """timm's ``update_summary`` row (epoch, train_*, eval_*, lr), written by name under the file's header.
+
+    timm writes each row in its own key order under whatever header the file has, so a run resumed with
+    other columns (an earlier release's summary.csv without the method's terms, a teacher added on
+    resume) would shift every later value into the wrong column. A row with new columns rewrites the file
+    once with them added at the end (earlier rows empty there)."""
+    row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()}}
+    row |= {f"eval_{k}": v for k, v in eval_row.items()}
+    row["lr"] = lr
+    header, rows = [], []
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), list(reader.fieldnames or [])
+    added = [k for k in row if k not in header]
+    if added:
+        if rows:
+            _logger.info("summary.csv: columns %s added (earlier rows leave them empty)", ", ".join(added))
+        header += added
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(path, buffer.getvalue())
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=header, restval="").writerow(row)
 
 
 def eval_value(metrics: dict, eval_metric: str, ema: bool) -> float:
@@ -83,7 +112,7 @@ def record_epoch(
             metrics["num_samples"],
         )
     try:
-        update_summary(epoch, train_metrics, eval_row, out_dir / "summary.csv", lr=lr)
+        append_summary_row(out_dir / "summary.csv", epoch, train_metrics, eval_row, lr)
         scalars.log(epoch, train_metrics, {k: v for k, v in eval_row.items() if v != ""}, lr)
     except OSError as e:
         return ckpt.CheckpointError(f"cannot write {out_dir / 'summary.csv'}: {e}")

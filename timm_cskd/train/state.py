@@ -6,6 +6,7 @@ resume: choosing and reading the checkpoint on every rank, and restoring the par
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def checkpoint_state(parts, state: TrainState, rng_states: list[dict]) -> dict:
         "best_epoch": state.best_epoch,
         "kept": state.kept,
         "epoch_sums": list(state.epoch_sums),
+        "epoch_columns": list(parts.columns),
         "epoch_count": state.epoch_count,
         "sampler": parts.sampler.state_dict(batches_consumed=state.batch_in_epoch),
         "rng": rng_states,
@@ -106,9 +108,9 @@ def load_resume_checkpoint(ctx: Context, out_dir: Path, resume: str) -> tuple[Pa
     return path, state
 
 
-def restore(parts, path: Path, state: dict, columns: int) -> TrainState:
+def restore(parts, path: Path, state: dict, columns: tuple[str, ...]) -> TrainState:
     """Load the checkpoint ``state`` (read from ``path``) into ``parts`` (a ``Trainer``'s assembled parts)
-    and return the training state it records, with ``columns`` epoch loss sums."""
+    and return the training state it records, with the epoch loss sums of ``columns``."""
     args, ctx = parts.args, parts.ctx
     task, sampler, scheduler = parts.task, parts.sampler, parts.scheduler
     try:
@@ -145,8 +147,14 @@ def restore(parts, path: Path, state: dict, columns: int) -> TrainState:
     except ValueError as e:
         raise ckpt.CheckpointError(f"{path} cannot continue with these settings: {e}") from e
     epoch, batch = state["resume_epoch"], sampler.position
-    # A checkpoint from before the method's own terms were logged has the three sums loss, ce, reg.
-    sums = (list(state["epoch_sums"]) + [0.0] * columns)[:columns]
+    # Sums by name: a checkpoint from before the method's own terms were logged has loss, ce, reg only,
+    # and a teacher added on resume brings a kd column. Mid-epoch, a column the saved run did not sum
+    # has no mean for this epoch (NaN, "nan" in summary.csv), not the mean of the batches since.
+    saved_columns = state.get("epoch_columns", ("loss", "ce", "reg"))
+    saved_sums = dict(zip(saved_columns, state["epoch_sums"]))
+    epoch_count = state.get("epoch_count", state["resume_batch"])
+    unknown = math.nan if epoch_count else 0.0
+    sums = [saved_sums.get(name, unknown) for name in columns]
     restored = TrainState(
         epoch=epoch,
         batch_in_epoch=batch,
@@ -155,8 +163,8 @@ def restore(parts, path: Path, state: dict, columns: int) -> TrainState:
         best_epoch=state["best_epoch"],
         kept=list(state.get("kept", [])),
         # Rank 0 carries the saved sums of the epoch; the others start theirs at zero.
-        epoch_sums=sums if ctx.primary else [0.0] * columns,
-        epoch_count=state.get("epoch_count", state["resume_batch"]) if ctx.primary else 0,
+        epoch_sums=sums if ctx.primary else [0.0] * len(columns),
+        epoch_count=epoch_count if ctx.primary else 0,
     )
     if elastic:
         saved = state["sampler"]
