@@ -1,12 +1,15 @@
-"""examples/slurm_train.sh, the README's Slurm script, run with stand-ins for srun, torchrun and scontrol.
+"""examples/slurm_train.sh, the README's Slurm script, and examples/slurm_train_shards.sh (the same job
+staging node-local shards first), run with stand-ins for srun, torchrun and scontrol.
 
-The stand-in srun execs its command (the real one passes the signals it gets on to its tasks); the
+The stand-in srun execs its command (after srun's own options) (the real one passes the signals it gets on to its tasks); the
 stand-in torchrun takes 1 s to "checkpoint" after SIGTERM, as the trainer saves before it exits.
 """
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "slurm_train.sh"
 
 FAKES = {
-    "srun": 'exec "$@"\n',
+    "srun": 'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n',  # srun's own options, then the command
     "torchrun": """echo "started $*" >> "$LOG"
 echo $$ > "$PIDFILE"
 trap 'echo term >> "$LOG"; sleep 1; echo saved >> "$LOG"; exit 0' TERM
@@ -32,18 +35,30 @@ esac
 }
 
 
-@pytest.fixture
-def job(tmp_path):
+@pytest.fixture(params=["slurm_train.sh", "slurm_train_shards.sh"])
+def job(tmp_path, request):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in FAKES.items():
+    # The shard job's staging step runs python: this interpreter, which imports timm_cskd.
+    for name, body in {**FAKES, "python": f'exec "{sys.executable}" "$@"\n'}.items():
         (bin_dir / name).write_text("#!/bin/bash\n" + body)
         (bin_dir / name).chmod(0o755)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    # 16 training shards for 2 nodes x 8 ranks: rank r owns shard r, so node 0 stages shards 0-7.
+    listed = [{"tar": f"train-{k:06d}.tar", "index": f"train-{k:06d}.json", "dali_index": f"train-{k:06d}.idx"}
+              for k in range(16)]  # fmt: skip
+    (shards / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": listed}}}))
+    for entry in listed:
+        for name in entry.values():
+            (shards / name).write_text(name)
     env = dict(
         os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_NODEID="0", SHARDS=str(shards), LOCAL=str(tmp_path / "local"),
         LOG=str(tmp_path / "log"), PIDFILE=str(tmp_path / "pid"), FINISH=str(tmp_path / "finish"),
     )  # fmt: skip
-    shell = subprocess.Popen(["bash", str(SCRIPT)], cwd=tmp_path, env=env, start_new_session=True)
+    script = REPO / "examples" / request.param
+    shell = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, start_new_session=True)
     try:
         yield shell, tmp_path
     finally:
@@ -94,6 +109,11 @@ def test_a_finished_run_is_not_requeued(job):
     (tmp_path / "finish").touch()
     assert shell.wait(timeout=30) == 0
     assert events(tmp_path)[1:] == ["finished"]
+    if (tmp_path / "local").exists():  # the shard job: node 0 staged its 8 ranks' shards, no other
+        staged = {p.name for p in (tmp_path / "local").iterdir()}
+        assert staged == {"manifest.json"} | {
+            f"train-{k:06d}.{x}" for k in range(8) for x in ("tar", "json", "idx")
+        }
 
 
 def test_the_readme_shows_this_script():
