@@ -29,7 +29,7 @@ from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context
 from timm_cskd.errors import ConfigError
 from timm_cskd.flag_checks import check_flag_values
-from timm_cskd.methods import Method, kd_config, resolve_method
+from timm_cskd.methods import Method, get_method, kd_config, resolve_method
 from timm_cskd.run_lock import RunLock, RunLockedError
 
 __all__ = [
@@ -277,7 +277,8 @@ def _load_rank_shards(args, ctx: Context, data_dir: Path):
     except (DataIndexError, OSError) as e:
         error = e
     ctx.fail_together(error)
-    _warn_single_image_classes_per_rank(indices[0], ctx)
+    if get_method(args.method).batches != "plain":  # the same on every rank: the gather is collective
+        _warn_single_image_classes_per_rank(indices[0], ctx)
     if indices[1] is None and args.val_split:
         _logger.warning("no validation split in %s: training without validation", data_dir / MANIFEST)
     return indices

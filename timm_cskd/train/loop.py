@@ -17,6 +17,7 @@ from timm.utils.model import unwrap_model
 
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import dump_args
+from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.distributed import setup_context
 from timm_cskd.evaluate import evaluate
 from timm_cskd.experiment import open_experiment, remove_previous_run, setup_logging, validate_args
@@ -254,10 +255,11 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         args, state, ctx = self.args, self.state, self.ctx
         _logger.info(
-            "training %s (method %s) on %d images, %d classes, %d rank(s) x batch %d, %d steps/epoch, lr %.4g -> %s",
+            "training %s (method %s) on %d images%s, %d classes, %d rank(s) x batch %d, %d steps/epoch, lr %.4g -> %s",
             args.model,
             args.method,
             len(self.train_index),
+            " (rank 0's shards)" if isinstance(self.train_index, ShardIndex) else "",
             self.train_index.num_classes,
             ctx.world_size,
             args.batch_size,
