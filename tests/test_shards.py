@@ -19,6 +19,7 @@ from timm_cskd.data import build_index
 from timm_cskd.data.shard_index import is_shard_folder, load_shard_index, rank_shards, read_manifest
 from timm_cskd.data.shards import main as shards_main
 from timm_cskd.data.shards import parse_size
+from timm_cskd.sampler import ClassPairSampler
 from timm_cskd.shard_sampler import RankClassPairSampler, RankShuffledBatchSampler
 
 
@@ -224,6 +225,93 @@ def test_rank_plan_resumes_exactly_and_refuses_another_rank_count():
     other.load_state_dict({**state, "units_consumed": 0})  # an epoch boundary is fine
     with pytest.raises(ValueError, match="aug-repeats"):
         RankShuffledBatchSampler(10, 2, rank=0, world_size=1, repeats=3)
+
+
+def test_a_share_below_one_batch_waits_for_the_agreed_epoch_length():
+    small = RankShuffledBatchSampler(100, 256, rank=1, world_size=2)  # the other rank's share is larger
+    small.set_epoch_units(300)
+    (batch,) = list(small)
+    assert len(batch) == 256 and set(batch) == set(range(100)), "the small share wraps to fill its batch"
+    pairs = RankClassPairSampler(np.arange(4) % 2, 8, mode="paired", rank=0, world_size=2)  # 2 pairs < 4
+    with pytest.raises(ValueError, match="largest rank's shards hold 2 pairs, too few for one batch of 4"):
+        pairs.set_epoch_units(2)
+    with pytest.raises(ValueError, match="100 samples, too few for one batch of 256 on each of 1 rank"):
+        RankShuffledBatchSampler(100, 256, rank=0, world_size=1)  # one rank's share is the world's
+
+
+def test_a_world_below_one_batch_or_aug_repeats_on_shards_is_one_clear_error(tmp_path, capsys):
+    from timm_cskd.train import main
+
+    shards = write(make_tiny_dataset(tmp_path / "data"), tmp_path / "shards", "8KB")
+    common = [
+        "--data-dir",
+        str(shards),
+        "--model",
+        "test_resnet",
+        "--img-size",
+        "32",
+        "--epochs",
+        "1",
+        "-j",
+        "0",
+    ]
+    for extra, message in (
+        (["-b", "512"], "too few for one batch of 512"),
+        (["-b", "4", "--aug-repeats", "3"], "--aug-repeats 3 spreads a sample's copies over ranks"),
+    ):
+        assert main([*common, *extra, "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
+
+
+def test_aug_repeats_1_is_a_no_op_on_shards():
+    plain = RankShuffledBatchSampler(10, 2, rank=0, world_size=1)
+    once = RankShuffledBatchSampler(10, 2, rank=0, world_size=1, repeats=1)
+    assert list(once) == list(plain)
+
+
+def test_the_folder_plan_refuses_a_mid_epoch_shard_state_and_takes_its_end():
+    (shard,) = rank_plans([np.arange(30) % 3], 4, epoch=1)
+    folder = ClassPairSampler(np.arange(30) % 3, 4, num_replicas=1, rank=0)
+    with pytest.raises(ValueError, match="saved mid-epoch from rank-pinned shards; resume on the shards"):
+        folder.load_state_dict(shard.state_dict(2))
+    folder.load_state_dict(shard.state_dict(len(shard)))
+    assert folder.position == len(folder) and list(folder) == [], "nothing of the epoch is left"
+
+
+def test_a_stop_on_the_epochs_last_batch_resumes_on_another_rank_count():
+    (one,) = rank_plans([np.arange(30) % 3], 4, epoch=2)  # 7 batches; drop_last leaves 2 samples over
+    end = one.state_dict(len(one))
+    two = rank_plans([np.arange(15) % 3, np.arange(15) % 3], 4, epoch=0)
+    for sampler in two:
+        sampler.load_state_dict(end)
+        assert sampler.epoch == 2 and sampler.position == len(sampler) and list(sampler) == []
+    with pytest.raises(ValueError, match="resume on 1 ranks, or from an epoch checkpoint"):
+        two[0].load_state_dict(one.state_dict(3))
+
+
+def test_a_same_rank_count_resume_refuses_another_plan_and_accepts_an_older_state():
+    saved = rank_plans([np.arange(30) % 3, np.arange(28) % 3], 4)[1].state_dict(2)
+    restaged = rank_plans([np.arange(30) % 3, np.arange(29) % 3], 4)[1]
+    with pytest.raises(
+        ValueError, match=r"epoch of 30 samples \(28 on rank 1\); these shards give 30 \(29 on"
+    ):
+        restaged.load_state_dict(saved)
+    (fewer,) = rank_plans([np.arange(29) % 3], 4)
+    with pytest.raises(ValueError, match="epoch of 30 samples .* these shards give 29"):
+        fewer.load_state_dict(rank_plans([np.arange(30) % 3], 4)[0].state_dict(2))
+    older = {k: v for k, v in saved.items() if k not in ("epoch_units", "local_units")}
+    restaged.load_state_dict(older)
+    assert restaged.position == 2
+
+
+def test_benchmark_reads_a_shard_folder(shards, capsys):
+    from timm_cskd.benchmark import main
+
+    argv = ["--data-dir", str(shards), "--model", "test_resnet", "--img-size", "32", "--device", "cpu",
+            "-b", "4", "-j", "0", "--rounds", "1", "--steps", "1", "--warmup", "0", "--loader-batches", "1"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "loader rate:" in capsys.readouterr().out
 
 
 def test_trains_from_shards_and_substitutes_a_corrupt_member(tmp_path):
