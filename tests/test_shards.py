@@ -401,6 +401,35 @@ def test_two_ranks_each_reading_only_its_shards_cover_the_epoch_once_with_own_cl
 
 
 @pytest.mark.slow
+def test_a_rank_whose_shards_hold_less_than_a_batch_trains_with_the_others(tmp_path):
+    from test_ddp import HERE, free_port
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", [4, 4, 4], size=(20, 20), noise=40)
+    make_image_folder(data / "val", [1, 1, 1], size=(20, 20), noise=40)
+    shards = write(data, tmp_path / "shards", "1MB", "--shard-samples", "8")  # rank 0: 8 images, rank 1: 4
+    stage_per_node(shards, tmp_path / "nodes", 2)
+    record = tmp_path / "record"
+    record.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", str(HERE / "ddp_worker.py"), "--data-dir", str(tmp_path / "nodes"),
+        "--model", "test_resnet", "--img-size", "32", "--epochs", "1", "-b", "6", "-j", "0",
+        "--output", str(tmp_path / "out"), "--experiment", "ddp",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent), PER_RANK_DATA="1")
+    proc = subprocess.run(
+        cmd, env={**env, "RECORD_DIR": str(record)}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank, share in ((0, 8), (1, 4)):
+        (line,) = (record / f"rank{rank}.jsonl").read_text().splitlines()
+        anchors = json.loads(line)[1][:6]
+        # Rank 1 wraps around its 4 samples to fill its batch of 6.
+        assert set(anchors) <= set(range(share)) and len(set(anchors)) == min(share, 6), rank
+
+
+@pytest.mark.slow
 def test_killed_mid_epoch_on_shards_then_resumed_is_bit_identical(tmp_path):
     from test_train import EXACT, _assert_identical, killed_and_resumed_run, uninterrupted_run
 
