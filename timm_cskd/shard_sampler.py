@@ -101,7 +101,7 @@ class _RankLocalPlan:
                     f"sampler state was saved with {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
                 )
         if not saved_mid_epoch(state):
-            # Nothing of the epoch is left, or all of it: any rank count continues from here.
+            # At the epoch's start or after its last batch: any rank count continues from here.
             units = self._epoch_units if units else 0
         elif state.get("num_replicas") != self.world_size:
             raise ValueError(

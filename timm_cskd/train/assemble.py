@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from timm_cskd import build
+from timm_cskd.data.index import DataIndexError
 from timm_cskd.data.loader import (
     SeededBatches,
     build_device_preps,
@@ -83,8 +84,10 @@ def assemble(args, ctx: Context, out_dir: Path, method_cls: type[Method], saved_
     error, loaders = None, (None, None)
     try:
         loaders = _create_loaders(args, ctx, method_cls, train_index, val_index, data_config, views)
-    except ValueError as e:  # a sampler refusing these settings: every rank fails, none waits below
-        error = e if isinstance(e, ConfigError) else ConfigError(f"the training sampler: {e}")
+    except ValueError as e:  # e.g. a sampler refusing these settings: every rank fails, none waits below
+        error = (
+            e if isinstance(e, (ConfigError, DataIndexError)) else ConfigError(f"the training sampler: {e}")
+        )
     ctx.fail_together(error)
     train_loader, val_loader = loaders
     batch_sampler = train_loader.batch_sampler
