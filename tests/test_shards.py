@@ -175,9 +175,9 @@ def rank_plans(labels_per_rank, batch_size, mode="anchor", epoch=0, **kwargs):
         RankClassPairSampler(labels, batch_size, mode=mode, rank=r, world_size=len(labels_per_rank), **kwargs)
         for r, labels in enumerate(labels_per_rank)
     ]
-    units = max(s.local_units for s in samplers)
+    units = [s.local_units for s in samplers]
     for s in samplers:
-        s.set_epoch_units(units)
+        s.set_rank_units(units)
         s.set_epoch(epoch)
     return samplers
 
@@ -291,18 +291,22 @@ def test_a_stop_on_the_epochs_last_batch_resumes_on_another_rank_count():
 
 
 def test_a_same_rank_count_resume_refuses_another_plan_and_accepts_an_older_state():
-    saved = rank_plans([np.arange(30) % 3, np.arange(28) % 3], 4)[1].state_dict(2)
-    restaged = rank_plans([np.arange(30) % 3, np.arange(29) % 3], 4)[1]
-    with pytest.raises(
-        ValueError, match=r"epoch of 30 samples \(28 on rank 1\); these shards give 30 \(29 on"
-    ):
-        restaged.load_state_dict(saved)
+    saved = rank_plans([np.arange(30) % 3, np.arange(28) % 3], 4)[0].state_dict(
+        2
+    )  # every rank loads rank 0's
+    for sampler in rank_plans([np.arange(30) % 3, np.arange(28) % 3], 4):
+        sampler.load_state_dict(saved)
+        assert sampler.position == 2
+    restaged = rank_plans([np.arange(30) % 3, np.arange(29) % 3], 4)
+    for sampler in restaged:
+        with pytest.raises(ValueError, match=r"shares 30, 28\); these shards give .*shares 30, 29\)"):
+            sampler.load_state_dict(saved)
     (fewer,) = rank_plans([np.arange(29) % 3], 4)
-    with pytest.raises(ValueError, match="epoch of 30 samples .* these shards give 29"):
+    with pytest.raises(ValueError, match="epoch of 30 samples .* these shards give an epoch of 29"):
         fewer.load_state_dict(rank_plans([np.arange(30) % 3], 4)[0].state_dict(2))
-    older = {k: v for k, v in saved.items() if k not in ("epoch_units", "local_units")}
-    restaged.load_state_dict(older)
-    assert restaged.position == 2
+    older = {k: v for k, v in saved.items() if k not in ("epoch_units", "rank_units")}
+    restaged[1].load_state_dict(older)
+    assert restaged[1].position == 2
 
 
 def test_benchmark_reads_a_shard_folder(shards, capsys):

@@ -35,9 +35,11 @@ class _RankLocalPlan:
         self.num_replicas = 1
         # Until the ranks agree on the epoch's length, this rank's share stands in for it; one rank's is
         # the world's.
-        self._epoch_units, self._agreed = self._num_units, False
-        if epoch_units is not None or world_size == 1:
-            self.set_epoch_units(self._num_units if epoch_units is None else epoch_units)
+        self._epoch_units, self._agreed, self._rank_units = self._num_units, False, None
+        if epoch_units is not None:
+            self.set_epoch_units(epoch_units)
+        elif world_size == 1:
+            self.set_rank_units([self._num_units])
 
     @property
     def local_units(self) -> int:
@@ -53,6 +55,16 @@ class _RankLocalPlan:
             raise ValueError(f"epoch of {units} units is shorter than this rank's {self._num_units}")
         self._epoch_units, self._agreed = units, True
         self._check_not_empty(self._unit_name)
+
+    def set_rank_units(self, rank_units: list[int]) -> None:
+        """Every rank's unit count, gathered: the epoch is as long as the largest share. A mid-epoch resume
+        checks them against the saved ones (the checkpoint holds rank 0's state, for every rank)."""
+        self.set_epoch_units(max(rank_units))
+        self._rank_units = [int(u) for u in rank_units]
+
+    def _describe_plan(self, epoch_units: int, rank_units: list[int] | None) -> str:
+        shares = "" if rank_units is None else f" (ranks' shares {', '.join(map(str, rank_units))})"
+        return f"an epoch of {epoch_units} {self._unit_name}{shares}"
 
     def _check_not_empty(self, unit_name: str) -> None:
         # The base samplers check from __init__, against this rank's share alone: a share below one batch
@@ -85,7 +97,7 @@ class _RankLocalPlan:
             num_replicas=self.world_size,
             plan=PLAN,
             epoch_units=self._epoch_units,
-            local_units=self._num_units,
+            rank_units=self._rank_units,
         )
         return state
 
@@ -110,12 +122,14 @@ class _RankLocalPlan:
                 "or from an epoch checkpoint"
             )
         else:
-            saved = (state.get("epoch_units", self._epoch_units), state.get("local_units", self._num_units))
-            if saved != (self._epoch_units, self._num_units):
+            # States from before these keys were saved: accepted.
+            saved_epoch, saved_ranks = state.get("epoch_units", self._epoch_units), state.get("rank_units")
+            known = saved_ranks is not None and self._rank_units is not None
+            if saved_epoch != self._epoch_units or (known and saved_ranks != self._rank_units):
                 raise ValueError(
-                    f"it was saved mid-epoch with an epoch of {saved[0]} {self._unit_name} ({saved[1]} on rank "
-                    f"{self.rank}); these shards give {self._epoch_units} ({self._num_units} on rank {self.rank}): "
-                    "the shards or --exclude-list changed since; restore them, or resume from an epoch checkpoint"
+                    f"it was saved mid-epoch with {self._describe_plan(saved_epoch, saved_ranks)}; these shards "
+                    f"give {self._describe_plan(self._epoch_units, self._rank_units)}: the shards or "
+                    "--exclude-list changed since; restore them, or resume from an epoch checkpoint"
                 )
         if not 0 <= units <= self._epoch_units:
             raise ValueError(f"saved position {units} outside the epoch's [0, {self._epoch_units}]")

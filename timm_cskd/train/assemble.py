@@ -96,7 +96,7 @@ def assemble(args, ctx: Context, out_dir: Path, method_cls: type[Method], saved_
         # Rank-pinned shards: every rank takes as many steps as the largest share needs; the agreed
         # length is the same on every rank, so a world with less than one batch fails on all of them.
         try:
-            sampler.set_epoch_units(max(ctx.gather(sampler.local_units)))
+            sampler.set_rank_units(ctx.gather(sampler.local_units))
         except ValueError as e:
             raise ConfigError(f"the training sampler: {e}") from e
 
