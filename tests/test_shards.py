@@ -19,6 +19,7 @@ from timm_cskd.data import build_index
 from timm_cskd.data.shard_index import is_shard_folder, load_shard_index, rank_shards, read_manifest
 from timm_cskd.data.shards import main as shards_main
 from timm_cskd.data.shards import parse_size
+from timm_cskd.sampler import ClassPairSampler
 from timm_cskd.shard_sampler import RankClassPairSampler, RankShuffledBatchSampler
 
 
@@ -174,9 +175,9 @@ def rank_plans(labels_per_rank, batch_size, mode="anchor", epoch=0, **kwargs):
         RankClassPairSampler(labels, batch_size, mode=mode, rank=r, world_size=len(labels_per_rank), **kwargs)
         for r, labels in enumerate(labels_per_rank)
     ]
-    units = max(s.local_units for s in samplers)
+    units = [s.local_units for s in samplers]
     for s in samplers:
-        s.set_epoch_units(units)
+        s.set_rank_units(units)
         s.set_epoch(epoch)
     return samplers
 
@@ -224,6 +225,97 @@ def test_rank_plan_resumes_exactly_and_refuses_another_rank_count():
     other.load_state_dict({**state, "units_consumed": 0})  # an epoch boundary is fine
     with pytest.raises(ValueError, match="aug-repeats"):
         RankShuffledBatchSampler(10, 2, rank=0, world_size=1, repeats=3)
+
+
+def test_a_share_below_one_batch_waits_for_the_agreed_epoch_length():
+    small = RankShuffledBatchSampler(100, 256, rank=1, world_size=2)  # the other rank's share is larger
+    small.set_epoch_units(300)
+    (batch,) = list(small)
+    assert len(batch) == 256 and set(batch) == set(range(100)), "the small share wraps to fill its batch"
+    pairs = RankClassPairSampler(np.arange(4) % 2, 8, mode="paired", rank=0, world_size=2)  # 2 pairs < 4
+    with pytest.raises(ValueError, match="largest rank's shards hold 2 pairs, too few for one batch of 4"):
+        pairs.set_epoch_units(2)
+    with pytest.raises(ValueError, match="100 samples, too few for one batch of 256 on each of 1 rank"):
+        RankShuffledBatchSampler(100, 256, rank=0, world_size=1)  # one rank's share is the world's
+
+
+def test_a_world_below_one_batch_or_aug_repeats_on_shards_is_one_clear_error(tmp_path, capsys):
+    from timm_cskd.train import main
+
+    shards = write(make_tiny_dataset(tmp_path / "data"), tmp_path / "shards", "8KB")
+    common = [
+        "--data-dir",
+        str(shards),
+        "--model",
+        "test_resnet",
+        "--img-size",
+        "32",
+        "--epochs",
+        "1",
+        "-j",
+        "0",
+    ]
+    for extra, message in (
+        (["-b", "512"], "too few for one batch of 512"),
+        (["-b", "4", "--aug-repeats", "3"], "--aug-repeats 3 spreads a sample's copies over ranks"),
+    ):
+        assert main([*common, *extra, "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
+
+
+def test_aug_repeats_1_is_a_no_op_on_shards():
+    plain = RankShuffledBatchSampler(10, 2, rank=0, world_size=1)
+    once = RankShuffledBatchSampler(10, 2, rank=0, world_size=1, repeats=1)
+    assert list(once) == list(plain)
+
+
+def test_the_folder_plan_refuses_a_mid_epoch_shard_state_and_takes_its_end():
+    (shard,) = rank_plans([np.arange(30) % 3], 4, epoch=1)
+    folder = ClassPairSampler(np.arange(30) % 3, 4, num_replicas=1, rank=0)
+    with pytest.raises(ValueError, match="saved mid-epoch from rank-pinned shards; resume on the shards"):
+        folder.load_state_dict(shard.state_dict(2))
+    folder.load_state_dict(shard.state_dict(len(shard)))
+    assert folder.position == len(folder) and list(folder) == [], "nothing of the epoch is left"
+
+
+def test_a_stop_on_the_epochs_last_batch_resumes_on_another_rank_count():
+    (one,) = rank_plans([np.arange(30) % 3], 4, epoch=2)  # 7 batches; drop_last leaves 2 samples over
+    end = one.state_dict(len(one))
+    two = rank_plans([np.arange(15) % 3, np.arange(15) % 3], 4, epoch=0)
+    for sampler in two:
+        sampler.load_state_dict(end)
+        assert sampler.epoch == 2 and sampler.position == len(sampler) and list(sampler) == []
+    with pytest.raises(ValueError, match="resume on 1 ranks, or from an epoch checkpoint"):
+        two[0].load_state_dict(one.state_dict(3))
+
+
+def test_a_same_rank_count_resume_refuses_another_plan_and_accepts_an_older_state():
+    saved = rank_plans([np.arange(30) % 3, np.arange(28) % 3], 4)[0].state_dict(
+        2
+    )  # every rank loads rank 0's
+    for sampler in rank_plans([np.arange(30) % 3, np.arange(28) % 3], 4):
+        sampler.load_state_dict(saved)
+        assert sampler.position == 2
+    restaged = rank_plans([np.arange(30) % 3, np.arange(29) % 3], 4)
+    for sampler in restaged:
+        with pytest.raises(ValueError, match=r"shares 30, 28\); these shards give .*shares 30, 29\)"):
+            sampler.load_state_dict(saved)
+    (fewer,) = rank_plans([np.arange(29) % 3], 4)
+    with pytest.raises(ValueError, match="epoch of 30 samples .* these shards give an epoch of 29"):
+        fewer.load_state_dict(rank_plans([np.arange(30) % 3], 4)[0].state_dict(2))
+    older = {k: v for k, v in saved.items() if k not in ("epoch_units", "rank_units")}
+    restaged[1].load_state_dict(older)
+    assert restaged[1].position == 2
+
+
+def test_benchmark_reads_a_shard_folder(shards, capsys):
+    from timm_cskd.benchmark import main
+
+    argv = ["--data-dir", str(shards), "--model", "test_resnet", "--img-size", "32", "--device", "cpu",
+            "-b", "4", "-j", "0", "--rounds", "1", "--steps", "1", "--warmup", "0", "--loader-batches", "1"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "loader rate:" in capsys.readouterr().out
 
 
 def test_trains_from_shards_and_substitutes_a_corrupt_member(tmp_path):
@@ -310,6 +402,35 @@ def test_two_ranks_each_reading_only_its_shards_cover_the_epoch_once_with_own_cl
     assert len(every_key) == 32, "the two shares together are the whole training split"
     m0, m1 = (json.loads((out / "ddp" / f"metrics{r}.json").read_text()) for r in (0, 1))
     assert m0 == m1 and m0["num_samples"] == 7, "every validation image counted once over the ranks"
+
+
+@pytest.mark.slow
+def test_a_rank_whose_shards_hold_less_than_a_batch_trains_with_the_others(tmp_path):
+    from test_ddp import HERE, free_port
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", [4, 4, 4], size=(20, 20), noise=40)
+    make_image_folder(data / "val", [1, 1, 1], size=(20, 20), noise=40)
+    shards = write(data, tmp_path / "shards", "1MB", "--shard-samples", "8")  # rank 0: 8 images, rank 1: 4
+    stage_per_node(shards, tmp_path / "nodes", 2)
+    record = tmp_path / "record"
+    record.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", str(HERE / "ddp_worker.py"), "--data-dir", str(tmp_path / "nodes"),
+        "--model", "test_resnet", "--img-size", "32", "--epochs", "1", "-b", "6", "-j", "0",
+        "--output", str(tmp_path / "out"), "--experiment", "ddp",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent), PER_RANK_DATA="1")
+    proc = subprocess.run(
+        cmd, env={**env, "RECORD_DIR": str(record)}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank, share in ((0, 8), (1, 4)):
+        (line,) = (record / f"rank{rank}.jsonl").read_text().splitlines()
+        anchors = json.loads(line)[1][:6]
+        # Rank 1 wraps around its 4 samples to fill its batch of 6.
+        assert set(anchors) <= set(range(share)) and len(set(anchors)) == min(share, 6), rank
 
 
 @pytest.mark.slow

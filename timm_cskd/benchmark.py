@@ -17,12 +17,12 @@ untimed steps (the compile with --torchcompile, cuDNN's autotuning), then ``--ro
 ``--steps`` steps, the device synchronised around each, and the median round. Every step is an
 optimizer update (with ``--grad-accum-steps N`` the trainer updates on every Nth batch only).
 
-The loader side is the trainer's torch loader on ``--data-dir``'s training split with the configured
-augmentation, its ``-j`` uint8 workers and the device prep (normalisation, random erasing), nothing
-consuming its batches: ``--rounds`` rounds of ``--loader-batches`` batches after as many warm-up batches
-as it has workers (at least ``--warmup``). The last line says what fraction of the step's demand the
-loader delivers. Without ``--data-dir`` only the step is measured. ``train_imagenet.py --help`` lists
-the trainer's flags.
+The loader side is the trainer's torch loader on ``--data-dir``'s training split (of a tar shard folder:
+all its training shards, in one process) with the configured augmentation, its ``-j`` uint8 workers and
+the device prep (normalisation, random erasing), nothing consuming its batches: ``--rounds`` rounds of
+``--loader-batches`` batches after as many warm-up batches as it has workers (at least ``--warmup``).
+The last line says what fraction of the step's demand the loader delivers. Without ``--data-dir`` only
+the step is measured. ``train_imagenet.py --help`` lists the trainer's flags.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 
 from timm_cskd.config import parse_args
 from timm_cskd.data.index import DataIndexError, build_index, find_split
+from timm_cskd.data.shard_index import is_shard_folder, load_shard_index
 from timm_cskd.distributed import detect_launch, select_device
 from timm_cskd.errors import ConfigError
 from timm_cskd.experiment import validate_args
@@ -76,6 +77,8 @@ def _train_index(args):
         return None
     if not Path(args.data_dir).is_dir():
         raise DataIndexError(f"--data-dir {args.data_dir} does not exist or is not a folder")
+    if is_shard_folder(args.data_dir):  # one process reads every training shard
+        return load_shard_index(args.data_dir, args.train_split)
     train_path = find_split(args.data_dir, [args.train_split])
     if train_path is None:
         raise DataIndexError(f"--data-dir {args.data_dir}: no '{args.train_split}' folder or list file")

@@ -29,6 +29,8 @@ import torch.distributed as dist
 __all__ = ["ClassPairSampler", "ShuffledBatchSampler"]
 
 MODES = ("anchor", "paired")
+# The ``plan`` of a rank-local state (``timm_cskd.shard_sampler``): positions in one rank's own plan.
+RANK_LOCAL_PLAN = "rank-local"
 
 
 def _class_layout(labels: np.ndarray, order: np.ndarray):
@@ -53,6 +55,13 @@ def saved_position(state: dict, defaults=None) -> int:
     return (
         state.get("batches_consumed", 0) * k * state.get("num_replicas", getattr(defaults, "num_replicas", 1))
     )
+
+
+def saved_mid_epoch(state: dict) -> bool:
+    """Whether a rank-local state stopped inside its epoch (some of it trained, some left). A state from
+    before ``epoch_units`` was saved counts any non-zero position."""
+    units = state.get("units_consumed", 0)
+    return bool(units) and units < state.get("epoch_units", units + 1)
 
 
 class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -141,7 +150,16 @@ class _PlanBatchSampler(torch.utils.data.Sampler[list[int]]):
                 raise ValueError(
                     f"sampler state was saved with {key}={state[key]!r}, this sampler has {getattr(self, key)!r}"
                 )
-        units = saved_position(state, self)
+        if state.get("plan") == RANK_LOCAL_PLAN:
+            # Its position is one rank's, in that rank's own plan: nothing of this global plan.
+            if saved_mid_epoch(state):
+                raise ValueError(
+                    "it was saved mid-epoch from rank-pinned shards; resume on the shards, or from an epoch "
+                    "checkpoint"
+                )
+            units = self._num_units if state.get("units_consumed") else 0
+        else:
+            units = saved_position(state, self)
         if not 0 <= units <= self._num_units:
             raise ValueError(f"saved position {units} outside the epoch's [0, {self._num_units}]")
         self.epoch = state["epoch"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from timm_cskd import build
+from timm_cskd.data.index import DataIndexError
 from timm_cskd.data.loader import (
     SeededBatches,
     build_device_preps,
@@ -80,14 +81,24 @@ def assemble(args, ctx: Context, out_dir: Path, method_cls: type[Method], saved_
     model = method_cls.adapt_model(build.create_model(args, num_classes), args.method_kwargs)
     data_config = build.resolve_data_config(args, model)
     views = method_cls.views(args.method_kwargs)
-    train_loader, val_loader = _create_loaders(
-        args, ctx, method_cls, train_index, val_index, data_config, views
-    )
+    error, loaders = None, (None, None)
+    try:
+        loaders = _create_loaders(args, ctx, method_cls, train_index, val_index, data_config, views)
+    except ValueError as e:  # e.g. a sampler refusing these settings: every rank fails, none waits below
+        error = (
+            e if isinstance(e, (ConfigError, DataIndexError)) else ConfigError(f"the training sampler: {e}")
+        )
+    ctx.fail_together(error)
+    train_loader, val_loader = loaders
     batch_sampler = train_loader.batch_sampler
     sampler = batch_sampler.batch_sampler if isinstance(batch_sampler, SeededBatches) else batch_sampler
     if hasattr(sampler, "set_epoch_units"):
-        # Rank-pinned shards: every rank takes as many steps as the largest share needs.
-        sampler.set_epoch_units(max(ctx.gather(sampler.local_units)))
+        # Rank-pinned shards: every rank takes as many steps as the largest share needs; the agreed
+        # length is the same on every rank, so a world with less than one batch fails on all of them.
+        try:
+            sampler.set_rank_units(ctx.gather(sampler.local_units))
+        except ValueError as e:
+            raise ConfigError(f"the training sampler: {e}") from e
 
     mixup_fn = build.create_mixup(args, num_classes)
     teacher, kd = None, kd_config(args)
