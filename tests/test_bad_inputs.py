@@ -26,7 +26,7 @@ from conftest import PLAIN_RECIPE, make_tiny_dataset
 
 from timm_cskd import benchmark, compare, evaluate, export, figures, study
 from timm_cskd import train as trainer
-from timm_cskd.data import prepare, verify
+from timm_cskd.data import prepare, shards, verify
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.experiment import warn_single_image_classes
 from timm_cskd.methods import get_method
@@ -42,6 +42,7 @@ TOOLS = {
     "prepare": prepare.main,
     "verify": verify.main,
     "benchmark": benchmark.main,
+    "shards": shards.main,
 }
 
 
@@ -266,6 +267,8 @@ ROWS = [
         "me/my model"], "--push-to-hub me/my model: not a valid repository id"),
     Row("export-private-without-push", "export", ["--checkpoint", CKPT, "--output", "{tmp}/new", "--private"],
         "--private is for the upload: add --push-to-hub"),
+    Row("export-revision-without-push", "export", ["--checkpoint", CKPT, "--output", "{tmp}/new", "--revision", "v1"],
+        "--revision is for the upload: add --push-to-hub"),
     Row("export-text-checkpoint", "export", ["--checkpoint", "{tmp}/notes.txt", "--output", "{tmp}/new"],
         "is not a readable PyTorch checkpoint", write("{tmp}/notes.txt", "hello")),
     # --- evaluate
@@ -325,6 +328,15 @@ ROWS = [
         "--device", "cpu"], "--data-dir {tmp}/missing does not exist"),
     Row("benchmark-trainer-flag-typo", "benchmark", ["--model", "test_resnet", "--method", "cskdd"],
         "unknown --method 'cskdd'"),
+    # --- shards
+    Row("shards-size-unit", "shards", ["--data-dir", "{data}", "--output", "{tmp}/s", "--shard-size", "12XB"],
+        "--shard-size '12XB': expected a size such as 512MB"),
+    Row("shards-samples-0", "shards", ["--data-dir", "{data}", "--output", "{tmp}/s", "--shard-samples", "0"],
+        "--shard-samples 0: must be >= 1"),
+    Row("shards-data-missing", "shards", ["--data-dir", "{tmp}/missing", "--output", "{tmp}/s"],
+        "--data-dir {tmp}/missing does not exist"),
+    Row("shards-into-a-user-folder", "shards", ["--data-dir", "{data}", "--output", "{tmp}/mine"],
+        "--output {tmp}/mine is not empty", write("{tmp}/mine/notes.txt", "mine\n"), keep="{tmp}/mine"),
     # --- prepare and verify
     Row("prepare-source-missing", "prepare", ["--source", "{tmp}/missing", "--output", "{tmp}/p"], "{tmp}/missing"),
     Row("verify-data-missing", "verify", ["--data-dir", "{tmp}/missing", "--output", "{tmp}/u.txt"],
