@@ -23,13 +23,17 @@ import torch.nn as nn
 __all__ = ["CSKDLoss", "cskd_loss"]
 
 
-def _validate(logits, target, partner_logits, temperature, lambda_cls, label_smoothing):
+def _check_settings(temperature, lambda_cls, label_smoothing):
+    """The loss's settings, checked where they are given: ``CSKDLoss()`` and every ``cskd_loss`` call."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if lambda_cls < 0:
         raise ValueError(f"lambda_cls must be >= 0, got {lambda_cls}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def _check_tensors(logits, target, partner_logits):
     if logits.ndim != 2:
         raise ValueError(f"logits must be (batch, classes), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -169,7 +173,8 @@ def cskd_loss(
             )
     elif partner_logits is None:
         raise ValueError("partner_logits is required unless symmetric=True")
-    _validate(logits, target, partner_logits, temperature, lambda_cls, label_smoothing)
+    _check_settings(temperature, lambda_cls, label_smoothing)
+    _check_tensors(logits, target, partner_logits)
     return _FusedCSKD.apply(
         logits,
         target,
@@ -198,12 +203,7 @@ class CSKDLoss(nn.Module):
         ce_weight: float = 1.0,
     ):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if lambda_cls < 0:
-            raise ValueError(f"lambda_cls must be >= 0, got {lambda_cls}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        _check_settings(temperature, lambda_cls, label_smoothing)
         self.temperature = temperature
         self.lambda_cls = lambda_cls
         self.label_smoothing = label_smoothing
