@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["CSKDLoss", "cskd_loss"]
+__all__ = ["CSKDLoss", "cskd_loss", "unfused_cskd_loss"]
 
 
 def _check_settings(temperature, lambda_cls, label_smoothing):
@@ -185,6 +186,20 @@ def cskd_loss(
         symmetric,
         float(ce_weight),
     )
+
+
+def unfused_cskd_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    partner_logits: torch.Tensor,
+    temperature: float = 4.0,
+    lambda_cls: float = 1.0,
+) -> torch.Tensor:
+    """The reference code's composition (log_softmax + kl_div + cross_entropy) that ``cskd_loss``
+    replaces, in float32: the baseline the benchmarks time and measure the fused loss against."""
+    z, v = logits.float(), partner_logits.float().detach()
+    kl = F.kl_div(F.log_softmax(z / temperature, 1), F.softmax(v / temperature, 1), reduction="batchmean")
+    return F.cross_entropy(z, target) + lambda_cls * temperature**2 * kl
 
 
 class CSKDLoss(nn.Module):
