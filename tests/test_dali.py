@@ -109,7 +109,7 @@ def test_labels_equal_the_torch_backend(coded_folder):
     train_tf, _ = build_transforms(args, DATA_CONFIG)
     preps = build_device_preps(args, DATA_CONFIG, None, CPU)
     torch_loader = create_train_loader(
-        index, train_tf, args, batches="anchor", num_replicas=1, rank=0, preps=preps, pin_memory=False
+        index, train_tf, args, batches="anchor", num_replicas=1, rank=0, seed=args.seed, preps=preps, pin_memory=False
     )
     dali_loader, _ = dali.create_dali_loaders(dali_args("anchor", 3), index, None, DATA_CONFIG, Context(CPU))
     for epoch in (0, 4):

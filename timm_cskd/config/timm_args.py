@@ -12,11 +12,11 @@ from timm_cskd.config.sections import OptimConfig
 __all__ = ["timm_namespace"]
 
 
-def timm_namespace(optim: OptimConfig, *, seed: int, eval_metric: str) -> argparse.Namespace:
-    """What timm's ``optimizer_kwargs`` / ``scheduler_kwargs`` read: ``optim``'s fields, the seed (the
-    schedule's noise) and the eval metric (the plateau schedule's mode)."""
+def timm_namespace(optim: OptimConfig, **extra) -> argparse.Namespace:
+    """What timm's ``optimizer_kwargs`` / ``scheduler_kwargs`` read: ``optim``'s fields and ``extra``
+    (for the scheduler: ``seed``, of the schedule's noise, and ``eval_metric``, the plateau's mode)."""
     values = {
         f.name: list(v) if isinstance(v := getattr(optim, f.name), tuple) else v
         for f in dataclasses.fields(optim)
     }
-    return argparse.Namespace(**values, seed=seed, eval_metric=eval_metric)
+    return argparse.Namespace(**values, **extra)
