@@ -29,14 +29,15 @@ import numpy as np
 
 from timm_cskd.config import parse_args
 from timm_cskd.data import ImageIndex
-from timm_cskd.data.dali import DaliTrainLoader, _flat_plan
+from timm_cskd.data.dali import DaliTrainLoader
+from timm_cskd.data.dali.source import flat_plan
 from timm_cskd.data.loader import create_batch_sampler
 
 DATA_CONFIG = {"input_size": (3, 224, 224), "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 0.875}
 
 
 class OldReader:
-    """What the old ``_PlanSource`` carried into each reader, and what it did first."""
+    """What the old ``PlanSource`` carried into each reader, and what it did first."""
 
     def __init__(self, index: ImageIndex, sampler, epoch: int):
         self.root, self.paths, self.labels = index.root, index.paths, index.labels
@@ -44,7 +45,7 @@ class OldReader:
 
     def first_sample(self) -> tuple[str, int]:
         self.sampler.set_epoch(self.epoch)
-        plan = _flat_plan(self.sampler, 0)
+        plan = flat_plan(self.sampler, 0)
         return f"{self.root}/{self.paths[plan[0]]}", int(self.labels[plan[0]])
 
 

@@ -298,7 +298,7 @@ HOST_SYNCS = {
 
 # The loss's target check branches on the device: on the CPU it reads the check's result, on a GPU it
 # asserts on the device (torch._assert_async) without waiting.
-CPU_ONLY = {("_validate", "timm_cskd/loss.py")}
+CPU_ONLY = {("_check_tensors", "timm_cskd/loss.py")}
 
 
 def host_syncs_in(monkeypatch, fn, *args) -> list[str]:

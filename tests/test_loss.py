@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_cskd import CSKDLoss, cskd_loss
+from timm_cskd.loss import unfused_cskd_loss
 
 
 def reference(logits, target, partner, temperature, lambda_cls, smoothing=0.0):
@@ -45,6 +46,24 @@ def test_value_and_grad_match_reference(dtype, temperature, lambda_cls, shape):
     assert grad.dtype == dtype
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unfused_baseline_the_benchmarks_time_is_the_reference_composition(dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(9, 7, generator=g) * 3).to(dtype).requires_grad_()
+    partner = (torch.randn(9, 7, generator=g) * 3).to(dtype).requires_grad_()
+    target = torch.randint(0, 7, (9,), generator=g)
+
+    loss = unfused_cskd_loss(logits, target, partner, temperature=2.0, lambda_cls=3.0)
+    loss.backward()
+    ref_logits = logits.detach().requires_grad_()
+    ref = reference(ref_logits, target, partner.detach(), 2.0, 3.0)
+    ref.backward()
+
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+    assert partner.grad is None
 
 
 def test_partner_never_gets_gradient():

@@ -178,6 +178,22 @@ def method(name, model, **kwargs):
     return cls(model, method_hparams(cls, kwargs))
 
 
+@pytest.mark.parametrize("name", ["adacos", "virtual-softmax"])
+def test_a_head_replacing_method_sizes_its_head_by_the_classifier_and_refuses_a_non_linear_one(name):
+    method = get_method(name)
+    # MobileNetV3's classifier reads its 1024-wide pre-logits layer, not the 288 pooled features.
+    model = timm.create_model("mobilenetv3_small_050", num_classes=5)
+    assert model.num_features != model.get_classifier().in_features == 1024
+    model = method.adapt_model(model, {}).eval()
+    head = model.get_classifier()
+    assert model.classifier is head and head.weight.shape == (5, 1024) and getattr(head, "bias", None) is None
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+    headless = timm.create_model("test_resnet", num_classes=0)
+    with pytest.raises(ConfigError, match=f"--method {name} needs a Linear classifier, not Identity"):
+        method.adapt_model(headless, {})
+
+
 def test_label_smoothing_and_maxent_losses_match_their_formulas():
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 5).double()

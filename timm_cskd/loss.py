@@ -19,17 +19,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["CSKDLoss", "cskd_loss"]
+__all__ = ["CSKDLoss", "cskd_loss", "unfused_cskd_loss"]
 
 
-def _validate(logits, target, partner_logits, temperature, lambda_cls, label_smoothing):
+def _check_settings(temperature, lambda_cls, label_smoothing):
+    """The loss's settings, checked where they are given: ``CSKDLoss()`` and every ``cskd_loss`` call."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if lambda_cls < 0:
         raise ValueError(f"lambda_cls must be >= 0, got {lambda_cls}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def _check_tensors(logits, target, partner_logits):
     if logits.ndim != 2:
         raise ValueError(f"logits must be (batch, classes), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -169,7 +174,8 @@ def cskd_loss(
             )
     elif partner_logits is None:
         raise ValueError("partner_logits is required unless symmetric=True")
-    _validate(logits, target, partner_logits, temperature, lambda_cls, label_smoothing)
+    _check_settings(temperature, lambda_cls, label_smoothing)
+    _check_tensors(logits, target, partner_logits)
     return _FusedCSKD.apply(
         logits,
         target,
@@ -180,6 +186,20 @@ def cskd_loss(
         symmetric,
         float(ce_weight),
     )
+
+
+def unfused_cskd_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    partner_logits: torch.Tensor,
+    temperature: float = 4.0,
+    lambda_cls: float = 1.0,
+) -> torch.Tensor:
+    """The reference code's composition (log_softmax + kl_div + cross_entropy) that ``cskd_loss``
+    replaces, in float32: the baseline the benchmarks time and measure the fused loss against."""
+    z, v = logits.float(), partner_logits.float().detach()
+    kl = F.kl_div(F.log_softmax(z / temperature, 1), F.softmax(v / temperature, 1), reduction="batchmean")
+    return F.cross_entropy(z, target) + lambda_cls * temperature**2 * kl
 
 
 class CSKDLoss(nn.Module):
@@ -198,12 +218,7 @@ class CSKDLoss(nn.Module):
         ce_weight: float = 1.0,
     ):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if lambda_cls < 0:
-            raise ValueError(f"lambda_cls must be >= 0, got {lambda_cls}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        _check_settings(temperature, lambda_cls, label_smoothing)
         self.temperature = temperature
         self.lambda_cls = lambda_cls
         self.label_smoothing = label_smoothing

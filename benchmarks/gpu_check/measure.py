@@ -7,7 +7,6 @@ import functools
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .common import (
     AMP_DTYPE,
@@ -97,13 +96,6 @@ def measure_throughput(env: Env) -> list[Row]:
     return [rows[(k, m)] for k in ("eager", "compiled") for m in MODES]
 
 
-def unfused_loss(logits, target, partner, temperature=4.0, lambda_cls=1.0):
-    """alinlab/cs-kd's composition, the reference the fused kernel replaces."""
-    z, v = logits.float(), partner.float().detach()
-    kl = F.kl_div(F.log_softmax(z / temperature, 1), F.softmax(v / temperature, 1), reduction="batchmean")
-    return F.cross_entropy(z, target) + lambda_cls * temperature**2 * kl
-
-
 def fused_loss(logits, target, partner):
     from timm_cskd.loss import cskd_loss
 
@@ -115,13 +107,14 @@ def loss_name(shape) -> str:
 
 
 def measure_loss(env: Env, shape: tuple[int, int]) -> Row:
+    from timm_cskd.loss import unfused_cskd_loss
     from timm_cskd.throughput import median, time_rounds
 
     g = torch.Generator().manual_seed(8)
     logits = (torch.randn(shape, generator=g) * 3).to(env.device, torch.bfloat16).requires_grad_()
     partner = (torch.randn(shape, generator=g) * 3).to(env.device, torch.bfloat16)
     target = torch.randint(0, shape[1], (shape[0],), generator=g).to(env.device)
-    fns = {"fused": fused_loss, "unfused": unfused_loss}
+    fns = {"fused": fused_loss, "unfused": unfused_cskd_loss}
 
     def step(fn):
         logits.grad = None

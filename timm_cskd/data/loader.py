@@ -20,6 +20,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from timm_cskd.config import DataConfig
+from timm_cskd.data.classmates import Classmates
 from timm_cskd.data.device_prep import DeviceLoader, DevicePrep
 from timm_cskd.data.index import ImageIndex
 from timm_cskd.data.shard_index import ShardIndex
@@ -62,9 +63,7 @@ class ImageIndexDataset(Dataset):
         self.index = index
         self.transform = transform
         self.failures: set[str] = set()
-        order = np.argsort(index.labels, kind="stable")
-        groups = np.split(order, np.flatnonzero(np.diff(index.labels[order])) + 1)
-        self._classmates = {int(index.labels[g[0]]): g for g in groups}
+        self._classmates = Classmates.group(index.labels)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -75,11 +74,9 @@ class ImageIndexDataset(Dataset):
 
     def _replacement(self, i: int) -> int:
         label = int(self.index.labels[i])
-        mates = self._classmates[label]
-        start = int(np.flatnonzero(mates == i)[0])
-        for j in itertools.chain(mates[start + 1 :], mates[:start]):
+        for j in itertools.islice(self._classmates.round_from(i, label), 1, None):
             if self.index.paths[j] not in self.failures:
-                return int(j)
+                return j
         raise RuntimeError(f"no image of class {self.index.classes[label]!r} can be decoded")
 
     def __getitem__(self, item: int | tuple[int, int]):

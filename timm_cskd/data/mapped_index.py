@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from timm_cskd.data.classmates import Classmates
 from timm_cskd.data.index import ImageIndex
 
 __all__ = ["MappedIndex"]
@@ -48,15 +49,13 @@ class MappedIndex:
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
         labels = np.asarray(index.labels, dtype=np.int64)
-        by_class = np.argsort(labels, kind="stable")
-        class_starts = np.zeros(int(labels.max(initial=-1)) + 2, dtype=np.int64)
-        np.cumsum(np.bincount(labels, minlength=len(class_starts) - 1), out=class_starts[1:])
+        classmates = Classmates.group(labels)
         np.save(os.path.join(folder, "offsets.npy"), offsets)
         with open(os.path.join(folder, "paths.bin"), "wb") as f:
             f.write(b"".join(encoded))
         np.save(os.path.join(folder, "labels.npy"), labels)
-        np.save(os.path.join(folder, "by_class.npy"), by_class)
-        np.save(os.path.join(folder, "class_starts.npy"), class_starts)
+        np.save(os.path.join(folder, "by_class.npy"), classmates.order)
+        np.save(os.path.join(folder, "class_starts.npy"), classmates.starts)
         if hasattr(index, "offsets"):  # a ShardIndex: members read by offset from their tars
             np.save(
                 os.path.join(folder, "members.npy"), np.stack([index.shard, index.offsets, index.sizes], 1)
@@ -72,7 +71,7 @@ class MappedIndex:
         blob = np.memmap(os.path.join(self.folder, "paths.bin"), dtype=np.uint8, mode="r")
         self.paths = _Paths(load("offsets.npy"), blob)
         self.labels = load("labels.npy")
-        self._by_class, self._class_starts = load("by_class.npy"), load("class_starts.npy")
+        self.classmates = Classmates(load("by_class.npy"), load("class_starts.npy"))
         self._members, self._tars, self._fds = None, None, {}
         if os.path.exists(os.path.join(self.folder, "members.npy")):
             self._members = load("members.npy")
@@ -103,7 +102,3 @@ class MappedIndex:
         if len(data) != size:
             raise OSError(f"{self.full_path(i)}: the tar ends {size - len(data)} bytes early")
         return np.frombuffer(data, dtype=np.uint8)
-
-    def classmates(self, label: int) -> np.ndarray:
-        """The indices of class ``label`` in index order."""
-        return self._by_class[self._class_starts[label] : self._class_starts[label + 1]]

@@ -34,7 +34,7 @@ from timm.utils.model import unwrap_model
 
 from timm_cskd.errors import ConfigError
 from timm_cskd.methods import register
-from timm_cskd.methods.base import Method
+from timm_cskd.methods.base import Method, replace_linear_classifier
 
 __all__ = ["AdaCos", "CosineHead"]
 
@@ -87,16 +87,14 @@ class AdaCos(Method):
 
     @classmethod
     def adapt_model(cls, model: nn.Module, hp: dict) -> nn.Module:
-        classifier = model.get_classifier()
-        if not isinstance(classifier, nn.Linear):
-            raise ConfigError(
-                f"--method adacos replaces a Linear classifier, not {type(classifier).__name__}"
-            )
-        if classifier.out_features < 3:
-            raise ConfigError("--method adacos needs 3 or more classes: its initial scale log(C - 1) is 0")
-        head = CosineHead(classifier.in_features, classifier.out_features)
-        model.set_submodule(model.pretrained_cfg["classifier"], head)
-        return model
+        def cosine_head(classifier: nn.Linear) -> CosineHead:
+            if classifier.out_features < 3:
+                raise ConfigError(
+                    "--method adacos needs 3 or more classes: its initial scale log(C - 1) is 0"
+                )
+            return CosineHead(classifier.in_features, classifier.out_features)
+
+        return replace_linear_classifier(model, cls.name, cosine_head)
 
     @classmethod
     def export_state_dict(cls, state_dict: dict, hp: dict) -> dict:

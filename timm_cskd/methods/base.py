@@ -27,6 +27,7 @@ and the checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils.model import unwrap_model
 
+from timm_cskd.errors import ConfigError
 from timm_cskd.methods.kd_input import input_renormalisation
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "WithFeatures",
     "soft_cross_entropy",
     "kl_to_target",
+    "replace_linear_classifier",
 ]
 
 BATCHES = ("plain", "anchor", "paired")
@@ -104,6 +107,22 @@ def kl_to_target(logits: torch.Tensor, target_logits: torch.Tensor, temperature:
     log_p = F.log_softmax(logits.float() / t, dim=1)
     q = F.softmax(target_logits.detach().float() / t, dim=1)
     return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+def replace_linear_classifier(
+    model: nn.Module, method: str, make_head: Callable[[nn.Linear], nn.Module]
+) -> nn.Module:
+    """``model`` with its timm classifier, which must be an ``nn.Linear``, swapped for
+    ``make_head(classifier)`` in place; ``method`` names the refusing method otherwise.
+
+    The head goes where ``pretrained_cfg["classifier"]`` names it, the path timm itself resolves its
+    classifier by. Not ``reset_classifier``, which can only build timm's own Linear, nor
+    ``num_features``, which is not the classifier's input width where a model has a pre-logits layer."""
+    classifier = model.get_classifier()
+    if not isinstance(classifier, nn.Linear):
+        raise ConfigError(f"--method {method} needs a Linear classifier, not {type(classifier).__name__}")
+    model.set_submodule(model.pretrained_cfg["classifier"], make_head(classifier))
+    return model
 
 
 class MethodModule(nn.Module):

@@ -24,9 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils.model import unwrap_model
 
-from timm_cskd.errors import ConfigError
 from timm_cskd.methods import register
-from timm_cskd.methods.base import Method, WithFeatures
+from timm_cskd.methods.base import Method, WithFeatures, replace_linear_classifier
 
 __all__ = ["VirtualSoftmax", "virtual_softmax_loss"]
 
@@ -62,15 +61,12 @@ class VirtualSoftmax(Method):
 
     @classmethod
     def adapt_model(cls, model: nn.Module, hp: dict) -> nn.Module:
-        classifier = model.get_classifier()
-        if not isinstance(classifier, nn.Linear):
-            raise ConfigError(
-                f"--method virtual-softmax needs a Linear classifier, not {type(classifier).__name__}"
-            )
-        bias_free = nn.Linear(classifier.in_features, classifier.out_features, bias=False)
-        bias_free.weight.data.copy_(classifier.weight.data)
-        model.set_submodule(model.pretrained_cfg["classifier"], bias_free)
-        return model
+        def bias_free(classifier: nn.Linear) -> nn.Linear:
+            head = nn.Linear(classifier.in_features, classifier.out_features, bias=False)
+            head.weight.data.copy_(classifier.weight.data)
+            return head
+
+        return replace_linear_classifier(model, cls.name, bias_free)
 
     @classmethod
     def export_state_dict(cls, state_dict: dict, hp: dict) -> dict:
