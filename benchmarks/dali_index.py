@@ -105,7 +105,7 @@ def main() -> None:
     sampler = create_batch_sampler(index, "anchor", args.batch_size, num_replicas=args.ranks, rank=0, seed=0)
     dali_args = parse_args(["--data-dir", "unused", "-b", str(args.batch_size), "-j", "1"])
     start = time.perf_counter()
-    loader = DaliTrainLoader(index, sampler, DATA_CONFIG, dali_args, None)
+    loader = DaliTrainLoader(index, sampler, DATA_CONFIG, dali_args, None, seed=0)
     write_index = time.perf_counter() - start
     start = time.perf_counter()
     new_source = loader._source(3, 0)  # writes epochs 3 and 4's plans

@@ -308,13 +308,14 @@ def main():
                 rank=0,
                 preps=build_device_preps(cfg, DATA_CONFIG, None, device),
                 pin_memory=device.type == "cuda",
+                seed=cfg.seed,
             ),
         }
         if not args.no_dali:
             from timm_cskd.data import dali
 
             loaders["DALI (float32 out)"] = dali.create_dali_loaders(
-                cfg, index, None, DATA_CONFIG, Context(device), "plain"
+                cfg, index, None, DATA_CONFIG, Context(device), "plain", seed=cfg.seed
             )[0]
         sizes = {name: shipped_bytes(loader) for name, loader in loaders.items() if "DALI" not in name}
         sizes["DALI (float32 out)"] = 4 * 3 * 224 * 224

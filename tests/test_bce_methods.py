@@ -115,7 +115,7 @@ def test_every_method_that_takes_bce_logs_the_bce_of_its_logits_as_its_task_term
     trainer = bce_trainer(
         data_dir, tmp_path, name, "--bce-target-thresh", "0.3", kwargs=(), model="test_resnet"
     )
-    views = len(cls.views(trainer.args.method_kwargs))
+    views = len(cls.views(trainer.config.method.method_kwargs))
     y = torch.tensor([0, 2, 0, 2]) if cls.batches == "paired" else torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     y = y[:4] if cls.batches == "plain" else y
     g = torch.Generator().manual_seed(2)
@@ -148,7 +148,7 @@ def test_a_timm_resnet_strikes_back_args_yaml_trains_with_cskd(data_dir, tmp_pat
     )  # fmt: skip
     trainer = Trainer(args)
     try:
-        assert trainer.args.method == "cskd" and trainer.task.has_ema()
+        assert trainer.config.method.method == "cskd" and trainer.task.has_ema()
         assert isinstance(trainer.task.bce, BinaryCrossEntropy) and trainer.task.bce.target_threshold == 0.2
         assert trainer.mixup_fn is not None and trainer.mixup_fn.mixup_enabled
         assert "RandAugment" in repr(trainer.train_loader.dataset.transform)

@@ -9,8 +9,8 @@ import torch.nn as nn
 from conftest import make_tiny_dataset
 
 from timm_cskd import benchmark
-from timm_cskd.config import parse_args
-from timm_cskd.experiment import validate_args
+from timm_cskd.config import RunConfig, parse_args
+from timm_cskd.experiment import resolve_run
 from timm_cskd.throughput import time_rounds, training_step
 
 TOY = ["--model", "resnet18", "--img-size", "32", "-b", "4", "--device", "cpu", "--rounds", "2", "--steps", "1",
@@ -59,7 +59,7 @@ def test_the_timed_step_is_the_methods_training_step(method, grad, no_grad):
     optimizer update of the trainer's optimizer."""
     args = parse_args(["--model", "test_resnet", "--img-size", "32", "-b", "4", "--device", "cpu", "--method",
                        method, "--num-classes", "4", "--opt", "sgd", "--lr", "0.1"])  # fmt: skip
-    step = training_step(args, validate_args(args), 4, torch.device("cpu"))
+    step = training_step(resolve_run(RunConfig.from_namespace(args)), 4, torch.device("cpu"))
     model = step.task.get_eval_model()
     seen = {True: 0, False: 0}
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))

@@ -80,7 +80,7 @@ def test_batches_follow_the_plan_on_two_ranks(coded_folder, mode):
     anchors = []
     for rank in range(2):
         train, _ = dali.create_dali_loaders(
-            dali_args(mode, batch), index, None, DATA_CONFIG, Context(CPU, 2, rank), batches=mode
+            dali_args(mode, batch), index, None, DATA_CONFIG, Context(CPU, 2, rank), batches=mode, seed=5
         )
         sampler = train.batch_sampler
         for epoch in (0, 1):
@@ -109,9 +109,19 @@ def test_labels_equal_the_torch_backend(coded_folder):
     train_tf, _ = build_transforms(args, DATA_CONFIG)
     preps = build_device_preps(args, DATA_CONFIG, None, CPU)
     torch_loader = create_train_loader(
-        index, train_tf, args, batches="anchor", num_replicas=1, rank=0, preps=preps, pin_memory=False
+        index,
+        train_tf,
+        args,
+        batches="anchor",
+        num_replicas=1,
+        rank=0,
+        seed=args.seed,
+        preps=preps,
+        pin_memory=False,
     )
-    dali_loader, _ = dali.create_dali_loaders(dali_args("anchor", 3), index, None, DATA_CONFIG, Context(CPU))
+    dali_loader, _ = dali.create_dali_loaders(
+        dali_args("anchor", 3), index, None, DATA_CONFIG, Context(CPU), seed=5
+    )
     for epoch in (0, 4):
         torch_loader.batch_sampler.set_epoch(epoch)
         dali_loader.batch_sampler.set_epoch(epoch)
@@ -131,7 +141,7 @@ def test_each_reader_is_sent_file_names_not_the_index_and_reads_its_ranks_plan()
     for n in (300, 100_000):
         index = synthetic_index(n)
         sampler = create_batch_sampler(index, "anchor", 4, num_replicas=2, rank=1, seed=5)
-        loader = dali.DaliTrainLoader(index, sampler, DATA_CONFIG, dali_args(batch=4), None)
+        loader = dali.DaliTrainLoader(index, sampler, DATA_CONFIG, dali_args(batch=4), None, seed=5)
         payload[n] = pickle.dumps(loader._source(3, 0))  # what DALI sends each reader process
         reader = pickle.loads(payload[n])
         for epoch_idx in (0, 1):  # a pipeline serves the next epoch after a reset
@@ -147,7 +157,7 @@ def test_each_reader_is_sent_file_names_not_the_index_and_reads_its_ranks_plan()
 
 def test_resume_mid_epoch_starts_at_the_saved_batch(coded_folder):
     index = build_index(coded_folder)
-    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU))
+    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU), seed=5)
     sampler = train.batch_sampler
     sampler.set_epoch(2)
     full = epoch_indices(train, index)
@@ -164,7 +174,7 @@ def test_validation_counts_each_image_once(coded_folder):
     seen = []
     for rank in range(2):
         _, val = dali.create_dali_loaders(
-            dali_args(validation_batch_size=4), index, index, DATA_CONFIG, Context(CPU, 2, rank)
+            dali_args(validation_batch_size=4), index, index, DATA_CONFIG, Context(CPU, 2, rank), seed=5
         )
         for images, labels in val:
             classes, positions = decode(images)
@@ -206,7 +216,9 @@ def test_broken_files_never_stop_the_reader_and_are_named(tmp_path, caplog):
     train = make_image_folder(tmp_path / "train", [6, 6, 6], size=(40, 40), noise=30)
     truncated, garbage, inside = _broken_files(train)
     index = build_index(train)
-    loader, val = dali.create_dali_loaders(dali_args("anchor", 3), index, index, DATA_CONFIG, Context(CPU))
+    loader, val = dali.create_dali_loaders(
+        dali_args("anchor", 3), index, index, DATA_CONFIG, Context(CPU), seed=5
+    )
     with caplog.at_level("WARNING", logger="timm_cskd.data.dali"):
         for epoch in (0, 1):
             loader.batch_sampler.set_epoch(epoch)
@@ -232,10 +244,10 @@ def test_broken_files_never_stop_the_reader_and_are_named(tmp_path, caplog):
 def test_workers_are_spawned_and_decode_on_the_process_gpu(coded_folder):
     index = build_index(coded_folder)
     train, val = dali.create_dali_loaders(
-        dali_args(), index, index, DATA_CONFIG, Context(torch.device("cuda", 1))
+        dali_args(), index, index, DATA_CONFIG, Context(torch.device("cuda", 1)), seed=5
     )
     assert (train.device_id, val.device_id) == (1, 1), "--device cuda:1 must decode on GPU 1"
-    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU))
+    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU), seed=5)
     next(iter(train))
     # Forking a process that holds a CUDA context is refused by DALI: the trainer has one by now.
     assert train._iterator._pipes[0]._py_start_method == "spawn"
@@ -264,7 +276,7 @@ if __name__ == "__main__":
     args = parse_args(["--data-dir", "unused", "-b", "3", "-j", "2"])
     cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 1.0,
            "interpolation": "bilinear"}
-    train, _ = dali.create_dali_loaders(args, index, None, cfg, Context(torch.device("cpu")))
+    train, _ = dali.create_dali_loaders(args, index, None, cfg, Context(torch.device("cpu")), seed=args.seed)
     next(iter(train))
     print("ready", flush=True)
     if sys.argv[2] == "raise":  # a trainer that dies of an exception: its exit must not wait on readers
@@ -366,7 +378,7 @@ def test_resume_saved_at_the_last_batch_of_an_epoch_yields_nothing_then_continue
     """A preemption in an epoch's last steps saves position == len: the resumed epoch is empty (as with
     the torch loader), and the next epoch reads whole."""
     index = build_index(coded_folder)
-    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU))
+    train, _ = dali.create_dali_loaders(dali_args(), index, None, DATA_CONFIG, Context(CPU), seed=5)
     sampler = train.batch_sampler
     sampler.load_state_dict(sampler.state_dict(batches_consumed=len(sampler)) | {"epoch": 3})
     sampler.set_epoch(3)
@@ -414,7 +426,9 @@ def test_reads_a_ranks_tar_shards_by_offset_in_plan_order(coded_folder, tmp_path
     for s in sorted(set(shards.shard.tolist())):
         origin += json.loads((tmp_path / f"train-{s:06d}.json").read_text())["sources"]
     origin = np.asarray([source.paths.index(p) for p in origin])
-    train, _ = dali.create_dali_loaders(dali_args("anchor", 3), shards, None, DATA_CONFIG, Context(CPU, 2, 1))
+    train, _ = dali.create_dali_loaders(
+        dali_args("anchor", 3), shards, None, DATA_CONFIG, Context(CPU, 2, 1), seed=5
+    )
     sampler = train.batch_sampler
     sampler.set_epoch_units(sampler.local_units)
     sampler.set_epoch(1)

@@ -50,7 +50,15 @@ def make_loader(folder, views, *flags):
     preps = build_device_preps(args, DATA_CONFIG, views, "cpu")
     index = build_index(folder)
     loader = create_train_loader(
-        index, train_tf, args, batches="anchor", num_replicas=1, rank=0, preps=preps, pin_memory=False
+        index,
+        train_tf,
+        args,
+        batches="anchor",
+        num_replicas=1,
+        rank=0,
+        seed=args.seed,
+        preps=preps,
+        pin_memory=False,
     )
     return args, index, loader
 

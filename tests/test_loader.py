@@ -34,6 +34,7 @@ def loader_for(folder, *flags):
         batches="anchor",
         num_replicas=1,
         rank=0,
+        seed=args.seed,
         preps=preps,
         pin_memory=False,
     )

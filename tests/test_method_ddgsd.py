@@ -111,7 +111,15 @@ def loader_for(data_dir, out):
     preps = build_device_preps(args, data_config, DDGSD.views({}), "cpu")
     index = build_index(data_dir / "train")
     loader = create_train_loader(
-        index, train_tf, args, batches="plain", num_replicas=1, rank=0, preps=preps, pin_memory=False
+        index,
+        train_tf,
+        args,
+        batches="plain",
+        num_replicas=1,
+        rank=0,
+        seed=args.seed,
+        preps=preps,
+        pin_memory=False,
     )
     return loader, index
 

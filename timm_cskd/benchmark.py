@@ -34,12 +34,12 @@ from pathlib import Path
 import timm
 import torch
 
-from timm_cskd.config import parse_args
+from timm_cskd.config import DataConfig, RunConfig, parse_args
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.data.shard_index import is_shard_folder, load_shard_index
 from timm_cskd.distributed import detect_launch, select_device
 from timm_cskd.errors import ConfigError
-from timm_cskd.experiment import validate_args
+from timm_cskd.experiment import resolve_run
 from timm_cskd.throughput import loader_rates, median, time_rounds, torch_train_loader, training_step
 
 __all__ = ["build_parser", "main"]
@@ -72,7 +72,7 @@ def _check(bench: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {value}: must be >= {low}")
 
 
-def _train_index(args):
+def _train_index(args: DataConfig, num_classes: int | None):
     if args.data_dir is None:
         return None
     if not Path(args.data_dir).is_dir():
@@ -82,7 +82,7 @@ def _train_index(args):
     train_path = find_split(args.data_dir, [args.train_split])
     if train_path is None:
         raise DataIndexError(f"--data-dir {args.data_dir}: no '{args.train_split}' folder or list file")
-    return build_index(train_path, num_classes=args.num_classes)
+    return build_index(train_path, num_classes=num_classes)
 
 
 def _device_name(device: torch.device) -> str:
@@ -100,23 +100,25 @@ def _verdict(fraction: float, images_per_step: int) -> str:
     return f"loader delivers {fraction:.2f}x of the training step's demand at {images_per_step} img/step: {advice}"
 
 
-def run(bench: argparse.Namespace, args) -> None:
-    method_cls = validate_args(args)
-    index = _train_index(args)
-    num_classes = index.num_classes if index is not None else args.num_classes or DEFAULT_CLASSES
-    device = select_device(args.device, detect_launch())
+def run(bench: argparse.Namespace, config: RunConfig) -> None:
+    resolved = resolve_run(config)
+    config = resolved.config
+    model, data, runtime = config.model, config.data, config.runtime
+    index = _train_index(data, model.num_classes)
+    num_classes = index.num_classes if index is not None else model.num_classes or DEFAULT_CLASSES
+    device = select_device(runtime.device, detect_launch())
     if device.type == "cuda":  # as the trainer sets them (timm_cskd.distributed)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    step = training_step(args, method_cls, num_classes, device)
+    torch.manual_seed(runtime.seed)
+    step = training_step(resolved, num_classes, device)
     size = "x".join(str(s) for s in step.data_config["input_size"][1:])
-    amp = args.amp_dtype if args.amp else "off"
+    amp = runtime.amp_dtype if runtime.amp else "off"
     print(
-        f"timm-cskd benchmark: {args.model} at {size}, method {args.method}, -b {args.batch_size}, "
-        f"{num_classes} classes, amp {amp}, channels_last {'on' if args.channels_last else 'off'}, "
-        f"compile {args.torchcompile or 'off'}, {_device_name(device)}, torch {torch.__version__}, "
+        f"timm-cskd benchmark: {model.model} at {size}, method {config.method.method}, -b {data.batch_size}, "
+        f"{num_classes} classes, amp {amp}, channels_last {'on' if data.channels_last else 'off'}, "
+        f"compile {runtime.torchcompile or 'off'}, {_device_name(device)}, torch {torch.__version__}, "
         f"timm {timm.__version__}"
     )
     times = time_rounds(
@@ -130,19 +132,19 @@ def run(bench: argparse.Namespace, args) -> None:
     )
     print(
         f"train rate: {demand:.5g} img/s ({step.images_per_step} images loaded per step; "
-        f"{args.batch_size / step_s:.5g} -b samples/s)"
+        f"{data.batch_size / step_s:.5g} -b samples/s)"
     )
     if index is None:
         print("loader: not measured (no --data-dir)")
         return
-    loader = torch_train_loader(args, method_cls, index, step.data_config, device)
-    warmup = max(bench.warmup, args.workers)
+    loader = torch_train_loader(resolved, index, step.data_config, device)
+    warmup = max(bench.warmup, data.workers)
     rates = loader_rates(
         loader, rounds=bench.rounds, batches=bench.loader_batches, warmup=warmup, device=device
     )
     rate = median(rates)
     print(
-        f"loader rate: {rate:.5g} img/s (torch backend, -j {args.workers}, median of {bench.rounds} rounds x "
+        f"loader rate: {rate:.5g} img/s (torch backend, -j {data.workers}, median of {bench.rounds} rounds x "
         f"{bench.loader_batches} batches after {warmup} warm-up batches)"
     )
     print(_verdict(rate / demand, step.images_per_step))
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(trainer_argv)
         if args.data_backend != "torch":
             raise ConfigError(f"--data-backend {args.data_backend}: the benchmark measures the torch loader")
-        run(bench, args)
+        run(bench, RunConfig.from_namespace(args))
     except (ConfigError, DataIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The objects the trainer builds from its flags, built as timm's ``train.py`` builds them and with timm's
+"""The objects the trainer builds from its configuration's sections, built as timm's ``train.py`` builds them and with timm's
 own functions (``create_model``, ``resolve_data_config``, ``Mixup``, ``BinaryCrossEntropy``,
 ``create_optimizer_v2`` with ``optimizer_kwargs``, ``create_scheduler_v2`` with ``scheduler_kwargs``), so
 a timm user's command line or args.yaml means here what it means there.
@@ -6,6 +6,7 @@ a timm user's command line or args.yaml means here what it means there.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 
@@ -19,6 +20,7 @@ from timm.loss import BinaryCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
+from timm_cskd.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, RuntimeConfig, timm_namespace
 from timm_cskd.errors import ConfigError
 
 __all__ = [
@@ -33,15 +35,15 @@ __all__ = [
 ]
 
 
-def import_device_modules(args) -> None:
-    for name in args.device_modules or []:
+def import_device_modules(runtime: RuntimeConfig) -> None:
+    for name in runtime.device_modules or []:
         try:
             importlib.import_module(name)
         except ImportError as e:
             raise ConfigError(f"--device-modules {name}: {e}") from e
 
 
-def create_model(args, num_classes: int) -> nn.Module:
+def create_model(args: ModelConfig, num_classes: int) -> nn.Module:
     """timm's model with train.py's arguments: drop rates, pooling, BatchNorm overrides, --model-kwargs,
     --initial-checkpoint, --pretrained / --pretrained-path (the head adapted to ``num_classes``), head
     initialisation, gradient checkpointing."""
@@ -104,12 +106,14 @@ def create_model(args, num_classes: int) -> nn.Module:
     return model
 
 
-def resolve_data_config(args, model: nn.Module) -> dict:
+def resolve_data_config(args: ModelConfig, model: nn.Module) -> dict:
     """Input size, interpolation, mean/std and crop from the flags, the model's defaults filling the rest."""
-    return timm_resolve_data_config(vars(args), model=model)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args).items()}
+    return timm_resolve_data_config(values, model=model)
 
 
-def create_mixup(args, num_classes: int) -> Mixup | None:
+def create_mixup(args: DataConfig, smoothing: float, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix from the augmentation flags, its targets smoothed by ``smoothing``."""
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
     return Mixup(
@@ -119,12 +123,12 @@ def create_mixup(args, num_classes: int) -> Mixup | None:
         prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob,
         mode=args.mixup_mode,
-        label_smoothing=args.smoothing,
+        label_smoothing=smoothing,
         num_classes=num_classes,
     )
 
 
-def create_bce(args, mixup: bool) -> BinaryCrossEntropy | None:
+def create_bce(args: MethodConfig, mixup: bool) -> BinaryCrossEntropy | None:
     """timm's --bce-loss: with Mixup the soft targets carry the smoothing; without it the loss applies it."""
     if not args.bce_loss:
         return None
@@ -136,7 +140,9 @@ def create_bce(args, mixup: bool) -> BinaryCrossEntropy | None:
     )
 
 
-def create_task(args, method_cls, model: nn.Module, data_config: dict, mixup_fn, teacher, kd, device):
+def create_task(
+    args: MethodConfig, method_cls, model: nn.Module, data_config: dict, mixup_fn, teacher, kd, device
+):
     """The method's ``TrainingTask`` around ``model`` from the run's flags, as the trainer and the
     benchmark build it (``method_cls`` from the registry; ``teacher``/``kd`` None without distillation)."""
     return method_cls(
@@ -152,12 +158,12 @@ def create_task(args, method_cls, model: nn.Module, data_config: dict, mixup_fn,
     )
 
 
-def resolve_lr(args, world_size: int) -> float:
-    """--lr, or --lr-base scaled by the global batch (gradient accumulation included) over --lr-base-size,
-    linearly or by its square root (timm's default for ada*/lamb optimizers)."""
+def resolve_lr(args: OptimConfig, batch_size: int, world_size: int) -> float:
+    """--lr, or --lr-base scaled by the global batch (``batch_size`` per rank, gradient accumulation
+    included) over --lr-base-size, linearly or by its square root (timm's default for ada*/lamb)."""
     if args.lr:
         return args.lr
-    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    global_batch = batch_size * world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
     scale = args.lr_base_scale or (
         "sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear"
@@ -165,20 +171,22 @@ def resolve_lr(args, world_size: int) -> float:
     return args.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
 
 
-def create_optimizer(args, module: nn.Module) -> torch.optim.Optimizer:
+def create_optimizer(args: OptimConfig, module: nn.Module) -> torch.optim.Optimizer:
     """timm's optimizer over ``module``; --weight-decay-bias-bn also decays biases and norm weights."""
     return create_optimizer_v2(
         module,
-        **optimizer_kwargs(cfg=args),
+        **optimizer_kwargs(cfg=timm_namespace(args)),
         filter_bias_and_bn=not args.weight_decay_bias_bn,
         **args.opt_kwargs,
     )
 
 
-def create_scheduler(args, optimizer, updates_per_epoch: int):
-    """timm's scheduler and the number of epochs it runs (warmup prefix and cooldown included)."""
+def create_scheduler(args: OptimConfig, optimizer, updates_per_epoch: int, *, seed: int, eval_metric: str):
+    """timm's scheduler and the number of epochs it runs (warmup prefix and cooldown included); ``seed``
+    seeds its --lr-noise, ``eval_metric`` is the --eval-metric a plateau schedule watches."""
+    cfg = timm_namespace(args, seed=seed, eval_metric=eval_metric)
     return create_scheduler_v2(
         optimizer,
-        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        **scheduler_kwargs(cfg, decreasing_metric=eval_metric == "loss"),
         updates_per_epoch=updates_per_epoch,
     )

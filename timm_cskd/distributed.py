@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import register_rendezvous_handler, rendezvous
 
+from timm_cskd.config import RuntimeConfig
 from timm_cskd.errors import ConfigError
 
 __all__ = ["Context", "Launch", "detect_launch", "select_device", "setup_context"]
@@ -235,9 +236,10 @@ class Context:
         return holder[0]
 
 
-def setup_context(args) -> Context:
+def setup_context(runtime: RuntimeConfig) -> Context:
+    """This rank's place in the launch and its device (``runtime.device``), the process group joined."""
     launch = detect_launch()
-    device = select_device(args.device, launch)
+    device = select_device(runtime.device, launch)
     ctx = Context(device, launch.world_size, launch.rank, launch.local_rank)
     if ctx.distributed:
         store, rank, world_size = next(rendezvous(_init_url(launch), timeout=dist.default_pg_timeout))

@@ -1,5 +1,6 @@
-"""An experiment's set-up around the training loop: its folder (named, locked, never overwritten by
-accident), logging, seeds, the dataset indices, and the checks of the flags taken together.
+"""An experiment's set-up around the training loop: the configuration resolved and checked taken
+together (``resolve_run``), its folder (named, locked, never overwritten by accident), logging, seeds and
+the dataset indices.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import DEFAULT_VAL_SPLIT, refused_settings
+from timm_cskd.config import DEFAULT_VAL_SPLIT, DataConfig, OutputConfig, RunConfig
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.data.shard_index import (
     MANIFEST,
@@ -29,16 +31,17 @@ from timm_cskd.data.verify import read_exclude_list
 from timm_cskd.distributed import Context
 from timm_cskd.errors import ConfigError
 from timm_cskd.flag_checks import check_flag_values
-from timm_cskd.methods import Method, get_method, kd_config, resolve_method
+from timm_cskd.methods import KDConfig, Method, kd_config, resolve_method
 from timm_cskd.run_lock import RunLock, RunLockedError
 
 __all__ = [
+    "ResolvedRun",
     "load_indices",
     "open_experiment",
     "remove_previous_run",
     "seed_everything",
+    "resolve_run",
     "setup_logging",
-    "validate_args",
     "warn_single_image_classes",
 ]
 
@@ -69,17 +72,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def open_experiment(args, ctx: Context) -> tuple[Path, RunLock | None]:
-    """The experiment folder, locked by rank 0 for the run's life; every rank fails alike if it cannot."""
+def open_experiment(config: RunConfig, ctx: Context) -> tuple[Path, RunLock | None, str]:
+    """The experiment folder, locked by rank 0 for the run's life, and its name (--experiment, else
+    timm's date-model-size with the method); every rank fails alike if it cannot."""
+    args = config.output
     name = args.experiment
     if not name:
-        if args.resume == "auto":
-            raise ConfigError("--resume auto needs --experiment to know which folder to resume")
-        # timm's naming (date-model-size), with the method.
-        size = (args.input_size or [None, None, args.img_size])[-1]
-        parts = [time.strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_"), args.method, size]
+        # timm's naming (date-model-size), with the method: rank 0's clock names it for every rank.
+        size = (config.model.input_size or [None, None, config.model.img_size])[-1]
+        parts = [
+            time.strftime("%Y%m%d-%H%M%S"),
+            config.model.model.replace("/", "_"),
+            config.method.method,
+            size,
+        ]
         name = ctx.broadcast("-".join(str(p) for p in parts if p is not None))
-        args.experiment = name
     # timm's default root when --output is empty.
     folder = Path(args.output or "output/train") / name
     lock, error = None, None
@@ -103,7 +110,7 @@ def open_experiment(args, ctx: Context) -> tuple[Path, RunLock | None]:
                 )
             error = e
     ctx.fail_together(error)
-    return folder, lock
+    return folder, lock, name
 
 
 def previous_run(folder: Path) -> list[Path]:
@@ -113,7 +120,7 @@ def previous_run(folder: Path) -> list[Path]:
     return found + sorted(folder.glob("checkpoint-*.pth.tar"))
 
 
-def remove_previous_run(args, ctx: Context, folder: Path) -> None:
+def remove_previous_run(args: OutputConfig, ctx: Context, folder: Path) -> None:
     """--overwrite: rank 0 deletes the old run's files, called only once the new run is fully built and
     about to write its first file, so a run that fails its checks destroys nothing."""
     error = None
@@ -126,7 +133,7 @@ def remove_previous_run(args, ctx: Context, folder: Path) -> None:
     ctx.fail_together(error)
 
 
-def resolve_data_dir(args, ctx: Context) -> Path:
+def resolve_data_dir(args: DataConfig, ctx: Context) -> Path:
     if args.data_dir is not None:
         return Path(args.data_dir)
     from timm_cskd.data.demo import demo_data_dir
@@ -148,16 +155,17 @@ def read_class_map(path: str) -> list[str]:
     return names
 
 
-def load_indices(args, ctx: Context, out_dir: Path):
-    """Train/val indices. Rank 0 scans (and caches) first, then the other ranks read its cache."""
+def load_indices(args: DataConfig, ctx: Context, out_dir: Path, *, num_classes: int | None, batches: str):
+    """Train/val indices (``num_classes``: --num-classes, checked against them; ``batches``: the method's
+    plan). Rank 0 scans (and caches) first, then the other ranks read its cache."""
     data_dir = resolve_data_dir(args, ctx)
     if not data_dir.is_dir():
         raise DataIndexError(f"--data-dir {data_dir} does not exist or is not a folder")
     shards = is_shard_folder(data_dir) or str(args.dataset).startswith("wds/")
     if shards:
-        train, val = _load_rank_shards(args, ctx, data_dir)
+        train, val = _load_rank_shards(args, ctx, data_dir, num_classes, batches)
     else:
-        train, val = _load_folders(args, ctx, data_dir, out_dir)
+        train, val = _load_folders(args, ctx, data_dir, out_dir, num_classes)
     if args.exclude_list:
         try:
             listed = [data_dir / line for line in read_exclude_list(args.exclude_list)]
@@ -184,7 +192,7 @@ def load_indices(args, ctx: Context, out_dir: Path):
     return train, val
 
 
-def _load_folders(args, ctx: Context, data_dir: Path, out_dir: Path):
+def _load_folders(args: DataConfig, ctx: Context, data_dir: Path, out_dir: Path, num_classes: int | None):
     """Train/val indices of ImageFolder trees or list files. Rank 0 scans (and caches) first, then the
     other ranks read its cache."""
     train_path = find_split(data_dir, [args.train_split])
@@ -209,10 +217,10 @@ def _load_folders(args, ctx: Context, data_dir: Path, out_dir: Path):
         train = train_all
         if class_map is not None:
             train = train.with_classes(class_map)
-        if args.num_classes is not None and args.num_classes != train.num_classes:
+        if num_classes is not None and num_classes != train.num_classes:
             kind = "class folders" if train_path.is_dir() else "classes"
             raise DataIndexError(
-                f"--num-classes is {args.num_classes} but {train_path} has {train.num_classes} {kind}"
+                f"--num-classes is {num_classes} but {train_path} has {train.num_classes} {kind}"
             )
         val = None
         if val_path is not None:
@@ -246,7 +254,7 @@ def _load_folders(args, ctx: Context, data_dir: Path, out_dir: Path):
     return indices
 
 
-def _load_rank_shards(args, ctx: Context, data_dir: Path):
+def _load_rank_shards(args: DataConfig, ctx: Context, data_dir: Path, num_classes: int | None, batches: str):
     """This rank's training shards (``rank_shards``) and every validation shard of a shard folder;
     each rank reads only those files, so a node needs only its ranks' shards on its disk."""
     error, indices = None, None
@@ -269,15 +277,15 @@ def _load_rank_shards(args, ctx: Context, data_dir: Path):
         if args.class_map:
             classes = read_class_map(args.class_map)
             train, val = (None if ix is None else ix.with_classes(classes) for ix in (train, val))
-        if args.num_classes is not None and args.num_classes != train.num_classes:
+        if num_classes is not None and num_classes != train.num_classes:
             raise DataIndexError(
-                f"--num-classes is {args.num_classes} but {data_dir / MANIFEST} has {train.num_classes} classes"
+                f"--num-classes is {num_classes} but {data_dir / MANIFEST} has {train.num_classes} classes"
             )
         indices = train, val
     except (DataIndexError, OSError) as e:
         error = e
     ctx.fail_together(error)
-    if get_method(args.method).batches != "plain":  # the same on every rank: the gather is collective
+    if batches != "plain":  # the same on every rank: the gather is collective
         _warn_single_image_classes_per_rank(indices[0], ctx)
     if indices[1] is None and args.val_split:
         _logger.warning("no validation split in %s: training without validation", data_dir / MANIFEST)
@@ -317,47 +325,59 @@ def warn_single_image_classes(index, method_cls: type[Method]) -> None:
         )
 
 
-def validate_args(args) -> type[Method]:
-    """Check the flags together; resolve the method (``args.method``, ``args.method_kwargs`` become its
-    name and full hyper-parameters, as args.yaml records them) and return its class."""
-    refused = refused_settings(args)
-    if refused:
-        raise ConfigError("timm train.py settings this trainer cannot honour: " + "; ".join(refused))
-    method_cls, args.method_kwargs = resolve_method(args)
-    args.method = method_cls.name
-    check_flag_values(args, method_cls.views(args.method_kwargs))
-    if args.data is not None:  # timm's deprecated positional data dir
-        if args.data_dir is not None and args.data_dir != args.data:
-            raise ConfigError(f"two data folders: positional {args.data} and --data-dir {args.data_dir}")
-        args.data_dir = args.data
-    if args.recovery_interval:  # timm's name for a mid-epoch checkpoint interval
-        if args.checkpoint_interval and args.checkpoint_interval != args.recovery_interval:
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run's configuration resolved (``config``), with what resolving it found: the method's class, its
+    distillation settings (None without a teacher) and its augmented views."""
+
+    config: RunConfig
+    method_cls: type[Method]
+    kd: KDConfig | None
+    views: list[dict]
+
+
+def resolve_run(config: RunConfig) -> ResolvedRun:
+    """Resolve the configuration once and check its flags together, before any folder, scan or model:
+    the method (its name and full hyper-parameters, as args.yaml records them), the data folder (timm's
+    positional one), the checkpoint interval (timm's --recovery-interval)."""
+    method_cls, method_kwargs = resolve_method(config.method)
+    views = method_cls.views(method_kwargs)
+    config = config.replace(method=method_cls.name, method_kwargs=method_kwargs)
+    check_flag_values(config, views)
+    data, out = config.data, config.output
+    if data.data is not None:  # timm's deprecated positional data dir
+        if data.data_dir is not None and data.data_dir != data.data:
+            raise ConfigError(f"two data folders: positional {data.data} and --data-dir {data.data_dir}")
+        config = config.replace(data_dir=data.data)
+    if out.recovery_interval:  # timm's name for a mid-epoch checkpoint interval
+        if out.checkpoint_interval and out.checkpoint_interval != out.recovery_interval:
             raise ConfigError("--recovery-interval and --checkpoint-interval disagree: give one")
-        args.checkpoint_interval = args.recovery_interval
-    mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if mixup_on and method_cls.batches != "plain" and args.mixup_mode != "batch":
+        config = config.replace(checkpoint_interval=out.recovery_interval)
+    name, batch_size = method_cls.name, data.batch_size
+    mixup_on = data.mixup > 0 or data.cutmix > 0 or data.cutmix_minmax is not None
+    if mixup_on and method_cls.batches != "plain" and data.mixup_mode != "batch":
         raise ConfigError(
-            f"--method {args.method} mixes partners' predictions with the batch's one lambda: use --mixup-mode batch"
+            f"--method {name} mixes partners' predictions with the batch's one lambda: use --mixup-mode batch"
         )
-    kd_config(args)  # the distillation flags fail here, before any folder or scan
-    if args.aa and any("auto_augment" in view for view in method_cls.views(args.method_kwargs)):
+    kd = kd_config(config.method)  # the distillation flags fail here, before any folder or scan
+    if data.aa and any("auto_augment" in view for view in views):
         raise ConfigError(
-            f"--method {args.method} sets its own augmentation policy for one of its views "
+            f"--method {name} sets its own augmentation policy for one of its views "
             "(--method-kwargs auto_augment=...); --aa would change its standard view too: drop --aa"
         )
-    if args.bce_loss and not method_cls.bce_loss:
-        raise ConfigError(f"--method {args.method} does not combine with --bce-loss: {method_cls.bce_note}")
-    if method_cls.batches == "paired" and args.batch_size % 2:
+    if config.method.bce_loss and not method_cls.bce_loss:
+        raise ConfigError(f"--method {name} does not combine with --bce-loss: {method_cls.bce_note}")
+    if method_cls.batches == "paired" and batch_size % 2:
         raise ConfigError(
-            f"--method {args.method} needs an even --batch-size (it counts images: pairs x 2), got {args.batch_size}"
+            f"--method {name} needs an even --batch-size (it counts images: pairs x 2), got {batch_size}"
         )
     if mixup_on:
         if not method_cls.mixup:
-            raise ConfigError(
-                f"--method {args.method} does not compose with Mixup/CutMix: {method_cls.mixup_note}"
-            )
-        if args.batch_size % 2:
-            raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {args.batch_size}")
-    if args.data_backend == "dali":
+            raise ConfigError(f"--method {name} does not compose with Mixup/CutMix: {method_cls.mixup_note}")
+        if batch_size % 2:
+            raise ConfigError(f"Mixup/CutMix needs an even --batch-size, got {batch_size}")
+    if data.data_backend == "dali":
         importlib.import_module("timm_cskd.data.dali")  # raises with install instructions when missing
-    return method_cls
+    if not out.experiment and out.resume == "auto":
+        raise ConfigError("--resume auto needs --experiment to know which folder to resume")
+    return ResolvedRun(config, method_cls, kd, views)

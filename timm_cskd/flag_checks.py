@@ -16,6 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
+from timm_cskd.config import DataConfig, ModelConfig, OptimConfig, RunConfig, timm_namespace
 from timm_cskd.errors import ConfigError
 
 __all__ = ["check_device", "check_flag_values"]
@@ -96,9 +97,10 @@ def _range_text(low, high, low_open, high_open) -> str:
     return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def _check_ranges(args) -> None:
+def _check_ranges(config: RunConfig) -> None:
+    values = config.to_dict()
     for dest, (low, high, low_open, high_open) in RANGES.items():
-        value = getattr(args, dest)
+        value = values[dest]
         if value is None or isinstance(value, bool):
             continue
         inside = (
@@ -108,26 +110,28 @@ def _check_ranges(args) -> None:
         )
         if not inside:
             raise ConfigError(f"{_flag(dest)} {value}: must be {_range_text(low, high, low_open, high_open)}")
-    if args.aug_repeats and args.aug_repeats < 1:
-        raise ConfigError(f"--aug-repeats must be 0 (off) or >= 1, got {args.aug_repeats}")
-    if args.input_size is not None and min(args.input_size) < 1:
-        raise ConfigError(f"--input-size {' '.join(map(str, args.input_size))}: every dimension must be >= 1")
-    if args.decay_milestones and min(args.decay_milestones) < 0:
-        raise ConfigError(f"--decay-milestones {args.decay_milestones}: epochs must be >= 0")
+    model, data, optim = config.model, config.data, config.optim
+    if data.aug_repeats and data.aug_repeats < 1:
+        raise ConfigError(f"--aug-repeats must be 0 (off) or >= 1, got {data.aug_repeats}")
+    if model.input_size is not None and min(model.input_size) < 1:
+        raise ConfigError(
+            f"--input-size {' '.join(map(str, model.input_size))}: every dimension must be >= 1"
+        )
+    if optim.decay_milestones and min(optim.decay_milestones) < 0:
+        raise ConfigError(f"--decay-milestones {values['decay_milestones']}: epochs must be >= 0")
     for dest, upper in (("scale", 1), ("ratio", INF)):
-        values = getattr(args, dest)
+        values = getattr(data, dest)
         if len(values) != 2 or not 0 < values[0] <= values[1] <= upper:
             bound = f" <= {upper}" if upper != INF else ""
             raise ConfigError(
                 f"{_flag(dest)} {' '.join(map(str, values))}: expected two values 0 < min <= max{bound}"
             )
-    if args.cutmix_minmax is not None and (
-        len(args.cutmix_minmax) != 2 or not 0 <= args.cutmix_minmax[0] <= args.cutmix_minmax[1] <= 1
-    ):
-        raise ConfigError(f"--cutmix-minmax {args.cutmix_minmax}: expected two values 0 <= min <= max <= 1")
+    minmax = data.cutmix_minmax
+    if minmax is not None and (len(minmax) != 2 or not 0 <= minmax[0] <= minmax[1] <= 1):
+        raise ConfigError(f"--cutmix-minmax {list(minmax)}: expected two values 0 <= min <= max <= 1")
 
 
-def _check_normalisation(args) -> None:
+def _check_normalisation(args: ModelConfig) -> None:
     """timm's resolve_data_config takes one value for every channel or one per channel."""
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     for dest in ("mean", "std"):
@@ -157,20 +161,23 @@ def check_device(name: str | None, flag: str = "--device") -> None:
         raise ConfigError(f"{flag} {name}: this machine has {count()} {device.type} device(s)")
 
 
-def _check_files(args) -> None:
+def _check_files(config: RunConfig) -> None:
+    values = config.to_dict()
     for dest in FILE_FLAGS:
-        value = getattr(args, dest, None)
+        value = values[dest]
         if value and not Path(value).is_file():
             what = "a folder, not a file" if Path(value).is_dir() else "not found"
             raise ConfigError(f"{_flag(dest)} {value}: {what}")
-    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
-        raise ConfigError(f"--resume {args.resume}: checkpoint not found (or pass --resume auto)")
+    resume = config.output.resume
+    if resume and resume != "auto" and not Path(resume).is_file():
+        raise ConfigError(f"--resume {resume}: checkpoint not found (or pass --resume auto)")
 
 
-def _check_optimizer_and_schedule(args) -> None:
+def _check_optimizer_and_schedule(args: OptimConfig, *, seed: int, eval_metric: str) -> None:
     """timm builds both on a one-weight stand-in: an unknown name or a bad --opt-kwargs fails here."""
     stand_in = torch.nn.Linear(1, 1)
-    kwargs = {**optimizer_kwargs(cfg=args), "lr": args.lr or args.lr_base}
+    cfg = timm_namespace(args, seed=seed, eval_metric=eval_metric)
+    kwargs = {**optimizer_kwargs(cfg=cfg), "lr": args.lr or args.lr_base}
     kwargs.pop("layer_decay", None)  # needs the real model's layers
     kwargs.pop("layer_decay_min_scale", None)
     kwargs.pop("layer_decay_no_opt_scale", None)
@@ -181,7 +188,7 @@ def _check_optimizer_and_schedule(args) -> None:
     try:
         create_scheduler_v2(
             optimizer,
-            **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+            **scheduler_kwargs(cfg, decreasing_metric=eval_metric == "loss"),
             updates_per_epoch=1,
         )
     except (ValueError, TypeError, KeyError, AssertionError) as e:
@@ -190,7 +197,7 @@ def _check_optimizer_and_schedule(args) -> None:
         raise ConfigError(f"--lr-base-scale {args.lr_base_scale}: choose linear or sqrt (or leave it empty)")
 
 
-def _check_augmentation(args, views: list[dict]) -> None:
+def _check_augmentation(args: DataConfig, model: ModelConfig, views: list[dict]) -> None:
     """timm builds the training transforms from the flags (on a stand-in data configuration): an unknown
     --aa policy, crop mode or interpolation fails here, not at the first batch."""
     from timm.data import create_transform
@@ -200,8 +207,10 @@ def _check_augmentation(args, views: list[dict]) -> None:
 
     if args.train_crop_mode not in TRAIN_CROP_MODES:
         raise ConfigError(f"--train-crop-mode {args.train_crop_mode}: choose rrc, rkrc or rkrr")
-    for dest in ("interpolation", "train_interpolation"):
-        value = getattr(args, dest)
+    for dest, value in (
+        ("interpolation", model.interpolation),
+        ("train_interpolation", args.train_interpolation),
+    ):
         if value and value != "random":
             try:
                 str_to_interp_mode(value)
@@ -217,14 +226,14 @@ def _check_augmentation(args, views: list[dict]) -> None:
             raise ConfigError(
                 f"--aa {args.aa}: not a timm augmentation policy ({type(e).__name__}: {e})"
             ) from e
-    size = args.input_size[1:] if args.input_size else (args.img_size or 224,) * 2
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    size = model.input_size[1:] if model.input_size else (model.img_size or 224,) * 2
+    in_chans = model.in_chans or (model.input_size[0] if model.input_size else 3)
     stand_in = {
         "input_size": (in_chans, *size),
-        "interpolation": args.interpolation or "bilinear",
-        "mean": tuple(args.mean or IMAGENET_DEFAULT_MEAN[:1] * in_chans),
-        "std": tuple(args.std or IMAGENET_DEFAULT_STD[:1] * in_chans),
-        "crop_pct": args.crop_pct or 0.875,
+        "interpolation": model.interpolation or "bilinear",
+        "mean": tuple(model.mean or IMAGENET_DEFAULT_MEAN[:1] * in_chans),
+        "std": tuple(model.std or IMAGENET_DEFAULT_STD[:1] * in_chans),
+        "crop_pct": model.crop_pct or 0.875,
     }
     try:
         build_transforms(args, stand_in, views)
@@ -234,11 +243,13 @@ def _check_augmentation(args, views: list[dict]) -> None:
         ) from e
 
 
-def check_flag_values(args, views: list[dict]) -> None:
+def check_flag_values(config: RunConfig, views: list[dict]) -> None:
     """Every check of a single flag's value; ``views`` are the method's augmented views."""
-    _check_ranges(args)
-    _check_normalisation(args)
-    check_device(args.device)
-    _check_files(args)
-    _check_optimizer_and_schedule(args)
-    _check_augmentation(args, views)
+    _check_ranges(config)
+    _check_normalisation(config.model)
+    check_device(config.runtime.device)
+    _check_files(config)
+    _check_optimizer_and_schedule(
+        config.optim, seed=config.runtime.seed, eval_metric=config.output.eval_metric
+    )
+    _check_augmentation(config.data, config.model, views)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from timm_cskd.config import OutputConfig
 from timm_cskd.errors import ConfigError
 
 __all__ = ["ScalarLog"]
@@ -17,7 +18,8 @@ _logger = logging.getLogger(__name__)
 
 
 class ScalarLog:
-    def __init__(self, args, out_dir: Path):
+    def __init__(self, args: OutputConfig, out_dir: Path, record: dict):
+        """The logs ``args`` asks for; ``record`` is the run's whole configuration (W&B's ``config``)."""
         self.wandb = self.tensorboard = None
         if args.log_wandb:
             try:
@@ -31,8 +33,8 @@ class ScalarLog:
             self.wandb = wandb.init(
                 project=args.wandb_project,
                 name=args.experiment,
-                config=vars(args),
-                tags=args.wandb_tags,
+                config=record,
+                tags=list(args.wandb_tags),
                 dir=str(out_dir),
                 resume="must" if args.wandb_resume_id else None,
                 id=args.wandb_resume_id or None,

@@ -12,10 +12,12 @@ import contextlib
 import torch
 from timm.utils import dispatch_clip_grad
 
+from timm_cskd.config import RuntimeConfig
+
 __all__ = ["autocast_context", "train_step"]
 
 
-def autocast_context(args, device: torch.device):
+def autocast_context(args: RuntimeConfig, device: torch.device):
     """A factory of the autocast context --amp / --amp-dtype ask for (a null context without --amp)."""
     if not args.amp:
         return contextlib.nullcontext

@@ -28,7 +28,8 @@ from timm_cskd.data.loader import (
     create_train_loader,
     resolve_pin_memory,
 )
-from timm_cskd.methods import Method, kd_config
+from timm_cskd.experiment import ResolvedRun
+from timm_cskd.methods import Method
 from timm_cskd.step import autocast_context, train_step
 from timm_cskd.teacher import load_teacher
 
@@ -134,41 +135,44 @@ class TrainingStep:
     data_config: dict
 
 
-def training_step(args, method_cls: type[Method], num_classes: int, device: torch.device) -> TrainingStep:
+def training_step(run: ResolvedRun, num_classes: int, device: torch.device) -> TrainingStep:
     """The trainer's model, method, optimizer, AMP (GradScaler for float16), EMA and ``torch.compile``
-    built from its flags as ``timm_cskd.train.Trainer`` builds them (one process, no DDP), and a step of
-    it on a fixed synthetic batch: every call is one optimizer update, followed by the EMA update."""
-    model = method_cls.adapt_model(build.create_model(args, num_classes), args.method_kwargs)
-    data_config = build.resolve_data_config(args, model)
-    mixup_fn = build.create_mixup(args, num_classes)
-    teacher, kd = None, kd_config(args)
+    built from the resolved configuration as ``timm_cskd.train.Trainer`` builds them (one process, no
+    DDP), and a step of it on a fixed synthetic batch: every call is one optimizer update, followed by
+    the EMA update."""
+    config, method_cls, kd = run.config, run.method_cls, run.kd
+    method, data, runtime = config.method, config.data, config.runtime
+    model = method_cls.adapt_model(build.create_model(config.model, num_classes), method.method_kwargs)
+    data_config = build.resolve_data_config(config.model, model)
+    mixup_fn = build.create_mixup(data, method.smoothing, num_classes)
+    teacher = None
     if kd is not None:
-        teacher, _ = load_teacher(args.kd_model_name, num_classes, args.kd_model_arch)
-    task = build.create_task(args, method_cls, model, data_config, mixup_fn, teacher, kd, device)
+        teacher, _ = load_teacher(method.kd_model_name, num_classes, method.kd_model_arch)
+    task = build.create_task(method, method_cls, model, data_config, mixup_fn, teacher, kd, device)
     task.to(device)
-    if args.channels_last:
+    if data.channels_last:
         task.to(memory_format=torch.channels_last)
-    args.lr = build.resolve_lr(args, 1)
-    optimizer = build.create_optimizer(args, task.get_trainable_module())
-    autocast = autocast_context(args, device)
-    scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "float16" else None
-    if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-    if args.torchcompile:
-        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+    optim = config.replace(lr=build.resolve_lr(config.optim, data.batch_size, 1)).optim
+    optimizer = build.create_optimizer(optim, task.get_trainable_module())
+    autocast = autocast_context(runtime, device)
+    scaler = torch.amp.GradScaler(device.type) if runtime.amp and runtime.amp_dtype == "float16" else None
+    if optim.model_ema:
+        task.setup_ema(decay=optim.model_ema_decay, use_warmup=optim.model_ema_warmup)
+    if runtime.torchcompile:
+        task.compile(backend=runtime.torchcompile, mode=runtime.torchcompile_mode)
     images, target = synthetic_batch(
         method_cls,
-        args.method_kwargs,
-        args.batch_size,
+        method.method_kwargs,
+        data.batch_size,
         num_classes,
         tuple(data_config["input_size"]),
         device,
-        channels_last=args.channels_last,
+        channels_last=data.channels_last,
     )
     task.train()
     steps = 0
 
-    def run() -> None:
+    def run_step() -> None:
         nonlocal steps
         train_step(
             task,
@@ -177,29 +181,30 @@ def training_step(args, method_cls: type[Method], num_classes: int, device: torc
             target,
             autocast=autocast,
             scaler=scaler,
-            clip_grad=args.clip_grad,
-            clip_mode=args.clip_mode,
+            clip_grad=optim.clip_grad,
+            clip_mode=optim.clip_mode,
         )
         steps += 1
         task.update_ema(step=steps)
 
-    return TrainingStep(run, images_in(images), task, data_config)
+    return TrainingStep(run_step, images_in(images), task, data_config)
 
 
-def torch_train_loader(args, method_cls: type[Method], index: ImageIndex, data_config: dict, device):
+def torch_train_loader(run: ResolvedRun, index: ImageIndex, data_config: dict, device):
     """The trainer's torch-backend training loader for one process: its sampler, the method's views with
     the configured augmentation, uint8 workers (-j) and the device prep (normalisation, random erasing)."""
-    views = method_cls.views(args.method_kwargs)
-    train_tf, _ = build_transforms(args, data_config, views)
+    data, views = run.config.data, run.views
+    train_tf, _ = build_transforms(data, data_config, views)
     return create_train_loader(
         index,
         train_tf,
-        args,
-        batches=method_cls.batches,
+        data,
+        batches=run.method_cls.batches,
         num_replicas=1,
         rank=0,
-        preps=build_device_preps(args, data_config, views, device),
-        pin_memory=resolve_pin_memory(args, device),
+        seed=run.config.runtime.seed,
+        preps=build_device_preps(data, data_config, views, device),
+        pin_memory=resolve_pin_memory(data, device),
     )
 
 

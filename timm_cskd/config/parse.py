@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 
 import yaml
 
@@ -35,8 +36,10 @@ def parse_args(
     return args
 
 
-def dump_args(args: argparse.Namespace, path: str | os.PathLike) -> None:
-    """The resolved configuration, loadable again with -c (as timm's args.yaml is)."""
-    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "config"}
+def dump_args(args: argparse.Namespace | Mapping, path: str | os.PathLike) -> None:
+    """The resolved configuration (a namespace, or ``RunConfig.to_dict()``), loadable again with -c (as
+    timm's args.yaml is)."""
+    items = (args if isinstance(args, Mapping) else vars(args)).items()
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in items if k != "config"}
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(values, f, sort_keys=False)

@@ -101,10 +101,12 @@ class DeviceLoader:
     """Iterates ``loader``'s uint8 batches ``(images, target[, seeds])`` as ``(images, target)`` finished
     on ``device`` by ``preps`` (one per view; ``images`` is then a list of views).
 
-    Batches must be consumed on the stream that is current when the iterator is advanced (as timm's)."""
+    Batches must be consumed on the stream that is current when the iterator is advanced (as timm's).
+    ``plan``: a training loader's epoch plan (the batch sampler the loader's seeded one draws from)."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, preps: Sequence[DevicePrep], device):
+    def __init__(self, loader: torch.utils.data.DataLoader, preps: Sequence[DevicePrep], device, plan=None):
         self.loader, self.preps, self.device = loader, list(preps), torch.device(device)
+        self.plan = plan
         self.stream = None
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from timm_cskd.config import DataConfig
 from timm_cskd.data.classmates import Classmates
 from timm_cskd.data.device_prep import DeviceLoader, DevicePrep
 from timm_cskd.data.index import ImageIndex
@@ -184,7 +185,7 @@ class SignalSafeDataLoader(DataLoader):
             return super()._get_iterator()
 
 
-def train_transform_kwargs(args, data_config: dict) -> dict:
+def train_transform_kwargs(args: DataConfig, data_config: dict) -> dict:
     """``create_transform``'s training arguments from timm train.py's flags, as timm's ``create_loader``
     passes them without its prefetcher (a float transform that normalises and erases); the loaders here
     build it with ``use_prefetcher=True`` (uint8) and do the rest on the device."""
@@ -215,7 +216,7 @@ def train_transform_kwargs(args, data_config: dict) -> dict:
     )
 
 
-def build_transforms(args, data_config: dict, views: list[dict] | None = None):
+def build_transforms(args: DataConfig, data_config: dict, views: list[dict] | None = None):
     """timm transforms to uint8 CHW tensors: random-resized-crop + flip for training, resize + centre crop
     for validation (normalisation and random erasing follow on the device: ``build_device_preps``).
 
@@ -242,7 +243,9 @@ def build_val_transform(data_config: dict):
     )
 
 
-def build_device_preps(args, data_config: dict, views: list[dict] | None, device) -> list[DevicePrep]:
+def build_device_preps(
+    args: DataConfig, data_config: dict, views: list[dict] | None, device
+) -> list[DevicePrep]:
     """The device half of each training view's transform: normalisation, --channels-last, and random
     erasing (--reprob, --remode, --recount, a view's overrides included; none with --no-aug, as timm's
     ``create_loader`` leaves its prefetcher's out)."""
@@ -267,7 +270,7 @@ def build_val_prep(data_config: dict, device, channels_last: bool = False) -> De
     return DevicePrep(data_config["mean"], data_config["std"], device, channels_last=channels_last)
 
 
-def resolve_pin_memory(args, device) -> bool:
+def resolve_pin_memory(args: DataConfig, device) -> bool:
     """Pinned batches on CUDA unless --no-pin-mem (a non-blocking copy from pageable memory blocks the
     host); elsewhere only with --pin-mem. timm's args.yaml always says ``pin_mem: false``, its default."""
     if args.pin_mem and args.no_pin_mem:
@@ -303,28 +306,30 @@ def create_batch_sampler(
 def create_train_loader(
     index: ImageIndex,
     transform,
-    args,
+    args: DataConfig,
     *,
     batches: str,
     num_replicas: int,
     rank: int,
+    seed: int,
     preps: list[DevicePrep],
     pin_memory: bool,
 ) -> DeviceLoader:
-    """This rank's training batches, finished on the preps' device (one prep per view)."""
+    """This rank's training batches in the plan ``batches`` asks for (drawn from ``seed``), finished on
+    the preps' device (one prep per view); the loader's ``plan`` is the plan sampler itself."""
     dataset = ImageIndexDataset(index, transform)
-    batch_sampler = create_batch_sampler(
+    plan = create_batch_sampler(
         index,
         batches,
         args.batch_size,
         num_replicas=num_replicas,
         rank=rank,
-        seed=args.seed,
+        seed=seed,
         repeats=args.aug_repeats,
     )
     loader = SignalSafeDataLoader(
         dataset,
-        batch_sampler=SeededBatches(batch_sampler, args.seed, rank),
+        batch_sampler=SeededBatches(plan, seed, rank),
         num_workers=args.workers,
         pin_memory=pin_memory,
         worker_init_fn=init_loader_worker,
@@ -333,7 +338,7 @@ def create_train_loader(
         # timm's --use-multi-epochs-loader: workers kept across epochs (augmentation is seeded per sample).
         persistent_workers=args.use_multi_epochs_loader and args.workers > 0,
     )
-    return DeviceLoader(loader, preps, preps[0].device)
+    return DeviceLoader(loader, preps, preps[0].device, plan=plan)
 
 
 def create_val_loader(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from timm_cskd.config import MethodConfig
 from timm_cskd.config.legacy import LEGACY_KWARGS, LEGACY_MODES
 from timm_cskd.errors import ConfigError
 from timm_cskd.methods.base import Hyper, KDConfig, Method
@@ -97,7 +98,7 @@ def method_hparams(cls: type[Method], kwargs: dict | None) -> dict:
     return hp
 
 
-def resolve_method(args) -> tuple[type[Method], dict]:
+def resolve_method(args: MethodConfig) -> tuple[type[Method], dict]:
     """The method class and its full hyper-parameters from ``--method``/``--method-kwargs`` and the
     older ``--cskd-mode``/``--cskd-temperature``/``--cskd-lambda`` spellings (which must agree)."""
     name = args.method
@@ -127,7 +128,7 @@ def resolve_method(args) -> tuple[type[Method], dict]:
     return cls, method_hparams(cls, kwargs)
 
 
-def kd_config(args) -> KDConfig | None:
+def kd_config(args: MethodConfig) -> KDConfig | None:
     """KD's settings with timm train.py's flags: only --distill-loss-weight makes the task weight 1 (timm's
     independent mode), only --task-loss-weight makes the distill weight its complement; neither gives
     Hinton's 0.9 / 0.1."""

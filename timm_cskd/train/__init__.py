@@ -1,7 +1,8 @@
 """The training job behind ``train_imagenet.py``: DDP from torchrun's environment, torch AMP, each method
 as a timm TrainingTask, timm's optimizer/scheduler/EMA, exact mid-epoch resume and SIGTERM checkpoints.
 
-``run(args)`` trains and returns the final validation metrics; ``main(argv)`` is the command line and
+``run(config)`` trains a ``RunConfig`` (or the parsed command line, converted to one where the trainer
+starts) and returns the final validation metrics; ``main(argv)`` is the command line and
 ``cli(argv)`` the command users run (``timm-cskd train``, ``python -m timm_cskd.train``), the demo by default.
 
 The package: ``assemble`` (the composition root: every part built from the configuration), ``state``
@@ -12,11 +13,12 @@ checkpoints, the final table).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import DEMO_CONFIG, parse_args
+from timm_cskd.config import DEMO_CONFIG, RunConfig, parse_args
 from timm_cskd.data.index import DataIndexError
 from timm_cskd.errors import ConfigError
 from timm_cskd.methods import describe_methods
@@ -29,8 +31,9 @@ from timm_cskd.train.state import TrainState
 __all__ = ["TrainState", "Trainer", "TrainingDivergedError", "cli", "main", "print_final_table", "run"]
 
 
-def run(args) -> dict[str, float]:
-    trainer = Trainer(args)
+def run(config: RunConfig | argparse.Namespace) -> dict[str, float]:
+    """Train ``config``; the final validation metrics (rank 0 also prints them as a table)."""
+    trainer = Trainer(config)
     try:
         metrics = trainer.fit()
     finally:

@@ -7,6 +7,7 @@ stop and divergence checks from ``guards``, and what each epoch writes from ``re
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 
@@ -16,11 +17,11 @@ from timm.utils import distribute_bn
 from timm.utils.model import unwrap_model
 
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import dump_args
+from timm_cskd.config import RunConfig, dump_args
 from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.distributed import setup_context
 from timm_cskd.evaluation import evaluate
-from timm_cskd.experiment import open_experiment, remove_previous_run, setup_logging, validate_args
+from timm_cskd.experiment import open_experiment, remove_previous_run, resolve_run, setup_logging
 from timm_cskd.naming import format_duration
 from timm_cskd.step import train_step
 from timm_cskd.stop_flag import StopFlag
@@ -35,27 +36,37 @@ _logger = logging.getLogger("timm_cskd.train")
 
 
 class Trainer:
-    """One training run; its parts (``task``, ``optimizer``, ``train_loader``, ...) are ``assemble``'s."""
+    """One training run of ``config`` (a ``RunConfig``; a parsed command line converts to one); its
+    final ``config`` and its parts (``task``, ``optimizer``, ``train_loader``, ...) are ``assemble``'s.
 
-    def __init__(self, args):
-        self.method_cls = validate_args(args)
-        self.args = args
-        self.ctx = ctx = setup_context(args)
-        self.out_dir, self.lock = open_experiment(args, ctx)
+    Given a namespace, the trainer also writes the resolved values back into it once built (the method,
+    the learning rate, the class count, the experiment name), as timm's train.py leaves its ``args``."""
+
+    def __init__(self, config: RunConfig | argparse.Namespace):
+        namespace = config if isinstance(config, argparse.Namespace) else None
+        if namespace is not None:
+            config = RunConfig.from_namespace(namespace)
+        run = resolve_run(config)
+        self.method_cls, self.config = run.method_cls, run.config
+        self.ctx = ctx = setup_context(run.config.runtime)
+        self.out_dir, self.lock, experiment = open_experiment(run.config, ctx)
         try:
             setup_logging(ctx, self.out_dir / "log.txt")
-            resume = load_resume_checkpoint(ctx, self.out_dir, args.resume) if args.resume else None
+            resume_from = run.config.output.resume
+            resume = load_resume_checkpoint(ctx, self.out_dir, resume_from) if resume_from else None
             saved_args = resume[1].get("args", {}) if resume is not None else None
-            vars(self).update(vars(assemble(args, ctx, self.out_dir, self.method_cls, saved_args)))
+            vars(self).update(vars(assemble(run, ctx, self.out_dir, experiment, saved_args)))
+            if namespace is not None:
+                vars(namespace).update(self.config.to_dict())
             # summary.csv's train_* columns: the total, the task term, the rest, then the method's own terms.
             self.columns = ("loss", "ce", "reg", *(t for t in self.task.term_names if t != "ce"))
             self._first_bad_step = torch.zeros((), dtype=torch.int64, device=ctx.device)
             self.state = TrainState(epoch_sums=[0.0] * len(self.columns))
             if resume is not None:
                 self.state = restore(self, *resume, columns=self.columns)
-            remove_previous_run(args, ctx, self.out_dir)
+            remove_previous_run(self.config.output, ctx, self.out_dir)
             if ctx.primary:
-                dump_args(args, self.out_dir / "args.yaml")
+                dump_args(self.config.to_dict(), self.out_dir / "args.yaml")
         except BaseException:
             self.close()
             raise
@@ -99,8 +110,8 @@ class Trainer:
         """Forward and backward one batch; step the optimizer when ``update`` (the last of ``accum``
         accumulated batches, each loss divided by ``accum`` as timm does). Returns the batch's
         ``columns`` on the device."""
-        args, ctx = self.args, self.ctx
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        config, ctx = self.config, self.ctx
+        memory_format = torch.channels_last if config.data.channels_last else torch.contiguous_format
 
         def to_device(x):
             # A no-op for the torch backend's batches, which arrive finished on the device.
@@ -118,9 +129,9 @@ class Trainer:
             scaler=self.scaler,
             accum=accum,
             update=update,
-            clip_grad=args.clip_grad,
-            clip_mode=args.clip_mode,
-            synchronize=args.synchronize_step,
+            clip_grad=config.optim.clip_grad,
+            clip_mode=config.optim.clip_mode,
+            synchronize=config.runtime.synchronize_step,
         )
         own = [result["terms"][name] for name in self.columns[3:]]
         terms = torch.stack([result["loss"].detach(), result["ce"], result["reg"], *own]).double()
@@ -144,17 +155,18 @@ class Trainer:
 
         ``state.batch_in_epoch`` counts loader batches, ``state.global_step`` optimizer updates (the
         schedule's clock); position checks, logs and checkpoints happen only between updates."""
-        args, ctx, state = self.args, self.ctx, self.state
+        ctx, state = self.ctx, self.state
+        data, optim, out = self.config.data, self.config.optim, self.config.output
         self.sampler.set_epoch(epoch)
         self.task.train()
-        if self.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if self.mixup_fn is not None and data.mixup_off_epoch and epoch >= data.mixup_off_epoch:
             self.mixup_fn.mixup_enabled = False
         # Rank 0 starts from the saved global sums of a resumed epoch, the other ranks from zero.
         sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=ctx.device)
         count_before, local_batches = state.epoch_count, 0
         window_start, window_steps = time.perf_counter(), 0
         total_steps = self.num_epochs * self.updates_per_epoch
-        batches, accum = len(self.train_loader), args.grad_accum_steps
+        batches, accum = len(self.train_loader), optim.grad_accum_steps
         # Updates group --grad-accum-steps batches from where this pass starts (an elastic resume may start
         # between an uninterrupted run's groups); the epoch's last update takes what is left.
         start = state.batch_in_epoch
@@ -174,8 +186,8 @@ class Trainer:
             self.task.update_ema(step=state.global_step)
 
             last_batch = state.batch_in_epoch == batches
-            at_log = state.global_step % args.log_interval == 0 or last_batch
-            at_checkpoint = args.checkpoint_interval and state.global_step % args.checkpoint_interval == 0
+            at_log = state.global_step % out.log_interval == 0 or last_batch
+            at_checkpoint = out.checkpoint_interval and state.global_step % out.checkpoint_interval == 0
             if at_log:
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / window_steps
@@ -207,7 +219,9 @@ class Trainer:
             return
         s = self.state
         means = "  ".join(f"{name} {v / max(terms, 1):.4f}" for name, v in zip(self.columns, sums.tolist()))
-        rate = self.args.batch_size * self.ctx.world_size * self.args.grad_accum_steps / step_time
+        rate = (
+            self.config.data.batch_size * self.ctx.world_size * self.config.optim.grad_accum_steps / step_time
+        )
         eta = (total_steps - s.global_step) * step_time
         batches = len(self.train_loader)
         _logger.info(
@@ -225,9 +239,9 @@ class Trainer:
 
     def sync_batchnorm_stats(self) -> None:
         """DDP syncs gradients, not BatchNorm running stats: average them over ranks (as timm's --dist-bn)."""
-        if not self.ctx.distributed or not self.args.dist_bn:
+        if not self.ctx.distributed or not self.config.runtime.dist_bn:
             return
-        reduce = self.args.dist_bn == "reduce"
+        reduce = self.config.runtime.dist_bn == "reduce"
         distribute_bn(unwrap_model(self.task.get_trainable_module()), self.ctx.world_size, reduce)
         if self.task.has_ema():
             distribute_bn(self.task.get_trainable_module(ema=True), self.ctx.world_size, reduce)
@@ -242,8 +256,8 @@ class Trainer:
                 self.val_loader,
                 self.ctx.device,
                 autocast=self.autocast,
-                channels_last=self.args.channels_last,
-                num_bins=self.args.ece_bins,
+                channels_last=self.config.data.channels_last,
+                num_bins=self.config.output.ece_bins,
             ).meter.compute()
 
         metrics = run(self.task.get_eval_model())
@@ -253,18 +267,19 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict[str, float]:
-        args, state, ctx = self.args, self.state, self.ctx
+        config, state, ctx = self.config, self.state, self.ctx
+        out = config.output
         _logger.info(
             "training %s (method %s) on %d images%s, %d classes, %d rank(s) x batch %d, %d steps/epoch, lr %.4g -> %s",
-            args.model,
-            args.method,
+            config.model.model,
+            config.method.method,
             len(self.train_index),
             " (rank 0's shards)" if isinstance(self.train_index, ShardIndex) else "",
             self.train_index.num_classes,
             ctx.world_size,
-            args.batch_size,
+            config.data.batch_size,
             self.updates_per_epoch,
-            args.lr,
+            config.optim.lr,
             self.out_dir,
         )
         metrics: dict[str, float] = {}
@@ -278,25 +293,25 @@ class Trainer:
                 if train_metrics is None:
                     return {}
                 seconds = time.perf_counter() - epoch_start
-                images = (state.batch_in_epoch - batches_before) * args.batch_size * ctx.world_size
+                images = (state.batch_in_epoch - batches_before) * config.data.batch_size * ctx.world_size
                 train_metrics["img_per_sec"] = images / seconds
                 self.sync_batchnorm_stats()
                 # Every --val-interval epochs and at the last (timm's meaning).
                 last_epoch = epoch + 1 == self.num_epochs
-                metrics = self.validate() if last_epoch or (epoch + 1) % args.val_interval == 0 else {}
+                metrics = self.validate() if last_epoch or (epoch + 1) % out.val_interval == 0 else {}
                 lr = self._lr()
-                value = records.eval_value(metrics, args.eval_metric, ema) if metrics else None
+                value = records.eval_value(metrics, out.eval_metric, ema) if metrics else None
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
                 state.epoch_sums, state.epoch_count = [0.0] * len(self.columns), 0
                 is_best = value is not None and (
-                    state.best_metric is None or records.is_better(value, state.best_metric, args.eval_metric)
+                    state.best_metric is None or records.is_better(value, state.best_metric, out.eval_metric)
                 )
                 if is_best:
                     state.best_metric, state.best_epoch = value, epoch
                 if self.scheduler is not None:
                     self.scheduler.step(epoch + 1, value)
                 state.kept, dropped = records.keep_checkpoint(
-                    state.kept, value, epoch, args.checkpoint_hist, args.eval_metric
+                    state.kept, value, epoch, out.checkpoint_hist, out.eval_metric
                 )
                 error = None
                 if ctx.primary:

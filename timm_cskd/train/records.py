@@ -158,12 +158,13 @@ def print_final_table(trainer, metrics: dict[str, float]) -> None:
         ("top-1 error (%)", f"{metrics['top1_err']:.2f}"),
         ("top-5 error (%)", f"{metrics['top5_err']:.2f}"),
         ("NLL", f"{metrics['nll']:.4f}"),
-        (f"ECE, {trainer.args.ece_bins} bins (%)", f"{metrics['ece']:.2f}"),
+        (f"ECE, {trainer.config.output.ece_bins} bins (%)", f"{metrics['ece']:.2f}"),
         ("Brier", f"{metrics['brier']:.4f}"),
         ("validation images", f"{metrics['num_samples']}"),
     ]
     width = max(len(name) for name, _ in rows)
-    print(f"\nFinal metrics ({trainer.args.model}, method '{trainer.args.method}'):")
+    config = trainer.config
+    print(f"\nFinal metrics ({config.model.model}, method '{config.method.method}'):")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>8}")
     print(

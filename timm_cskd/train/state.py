@@ -37,15 +37,15 @@ class TrainState:
 
 
 def checkpoint_state(parts, state: TrainState, rng_states: list[dict]) -> dict:
-    """The checkpoint of ``parts`` (a ``Trainer``: its args and assembled parts) at ``state``, with every
-    rank's RNG state."""
-    args = parts.args
+    """The checkpoint of ``parts`` (a ``Trainer``: its configuration and assembled parts) at ``state``,
+    with every rank's RNG state."""
+    config = parts.config
     saved = {
-        "arch": args.model,
+        "arch": config.model.model,
         # timm's convention: the last completed epoch, version 2 (timm resumes at epoch + 1).
         "epoch": state.epoch - 1,
         "version": 2,
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "args": config.to_dict(),
         "config_version": ckpt.CONFIG_VERSION,
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
@@ -60,7 +60,7 @@ def checkpoint_state(parts, state: TrainState, rng_states: list[dict]) -> dict:
         "epoch_count": state.epoch_count,
         "sampler": parts.sampler.state_dict(batches_consumed=state.batch_in_epoch),
         "rng": rng_states,
-        "num_classes": args.num_classes,
+        "num_classes": config.model.num_classes,
         "class_names": parts.train_index.classes,
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in parts.data_config.items()},
     }
@@ -116,36 +116,37 @@ def load_resume_checkpoint(ctx: Context, out_dir: Path, resume: str) -> tuple[Pa
 def restore(parts, path: Path, state: dict, columns: tuple[str, ...]) -> TrainState:
     """Load the checkpoint ``state`` (read from ``path``) into ``parts`` (a ``Trainer``'s assembled parts)
     and return the training state it records, with the epoch loss sums of ``columns``."""
-    args, ctx = parts.args, parts.ctx
+    config, ctx = parts.config, parts.ctx
+    optim = config.optim
     task, sampler, scheduler = parts.task, parts.sampler, parts.scheduler
     try:
         task.load_checkpoint_state(state["state_dict"], state.get("task_state"))
         if task.has_ema() and "state_dict_ema" in state:
             task.load_checkpoint_state(state["state_dict_ema"], state.get("task_state_ema"), ema=True)
     except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{path} does not fit --model {args.model}: {e}") from e
-    if not args.no_resume_opt:
+        raise ckpt.CheckpointError(f"{path} does not fit --model {config.model.model}: {e}") from e
+    if not config.output.no_resume_opt:
         parts.optimizer.load_state_dict(state["optimizer"])
     elastic = sampler.is_elastic(state["sampler"]) or len(state["rng"]) != ctx.world_size
-    saved_epochs = state.get("args", {}).get("epochs", args.epochs)
-    if saved_epochs != args.epochs:
+    saved_epochs = state.get("args", {}).get("epochs", optim.epochs)
+    if saved_epochs != optim.epochs:
         # timm's resume does the same: the schedule is created for the new length; the saved one
         # would keep the old length (a finished cosine run would train on at its final lr, often 0).
         _logger.info(
             "--epochs %d differs from the %d the checkpoint was trained for: the %s schedule is rebuilt "
             "for %d epochs and continues at epoch %d of it",
-            args.epochs,
+            optim.epochs,
             saved_epochs,
-            args.sched,
-            args.epochs,
+            optim.sched,
+            optim.epochs,
             state["resume_epoch"] + 1,
         )
     # The scheduler counts updates: with another rank count or batch an epoch has another number of
     # them, so it is rebuilt for this run and placed at the same epoch position below.
-    rebuilt = elastic or saved_epochs != args.epochs
+    rebuilt = elastic or saved_epochs != optim.epochs
     if scheduler is not None and state.get("scheduler") is not None and not rebuilt:
         scheduler.load_state_dict(state["scheduler"])
-    if parts.scaler is not None and "amp_scaler" in state and not args.no_resume_opt:
+    if parts.scaler is not None and "amp_scaler" in state and not config.output.no_resume_opt:
         parts.scaler.load_state_dict(state["amp_scaler"])
     try:
         sampler.load_state_dict(state["sampler"])
@@ -163,7 +164,7 @@ def restore(parts, path: Path, state: dict, columns: tuple[str, ...]) -> TrainSt
     restored = TrainState(
         epoch=epoch,
         batch_in_epoch=batch,
-        global_step=epoch * parts.updates_per_epoch + -(-batch // args.grad_accum_steps),
+        global_step=epoch * parts.updates_per_epoch + -(-batch // optim.grad_accum_steps),
         best_metric=state["metric"],
         best_epoch=state["best_epoch"],
         kept=list(state.get("kept", [])),
@@ -173,7 +174,7 @@ def restore(parts, path: Path, state: dict, columns: tuple[str, ...]) -> TrainSt
     )
     if elastic:
         saved = state["sampler"]
-        seed_everything(args.seed + ctx.rank + 1000 * restored.global_step)
+        seed_everything(config.runtime.seed + ctx.rank + 1000 * restored.global_step)
         _logger.warning(
             "elastic resume: saved by %d rank(s) x batch %s, continuing on %d x %d from sample position %d "
             "of epoch %d (batch %d of %d); the rest of the epoch is re-sharded, augmentation and Mixup "
@@ -181,7 +182,7 @@ def restore(parts, path: Path, state: dict, columns: tuple[str, ...]) -> TrainSt
             len(state["rng"]),
             saved.get("batch_size"),
             ctx.world_size,
-            args.batch_size,
+            config.data.batch_size,
             sampler.state_dict()["units_consumed"],
             epoch + 1,
             batch,
@@ -190,7 +191,7 @@ def restore(parts, path: Path, state: dict, columns: tuple[str, ...]) -> TrainSt
     else:
         ckpt.set_rng_state(state["rng"][ctx.rank])
     if scheduler is not None:  # the learning rate where the run stopped (timm's resume does this)
-        if args.sched_on_updates:
+        if optim.sched_on_updates:
             scheduler.step_update(restored.global_step)
         else:
             scheduler.step(restored.epoch)

@@ -105,9 +105,21 @@ class DaliTrainLoader(_DaliLoader):
     """Iterates training batches (``[first; partners]`` for class pairs) for ``batch_sampler``'s current
     epoch and position."""
 
-    def __init__(self, index: ImageIndex, batch_sampler, data_config: dict, args, device_id):
+    def __init__(
+        self,
+        index: ImageIndex,
+        batch_sampler,
+        data_config: dict,
+        args,
+        device_id,
+        *,
+        seed: int,
+        float16: bool = False,
+    ):
         super().__init__(index, device_id, args.channels_last)
         self.batch_sampler, self.data_config, self.args = batch_sampler, data_config, args
+        # The pipeline's random streams (one per rank) and its output dtype (float16 under fp16 AMP).
+        self.seed, self.float16 = seed, float16
         self._batch_images = images_per_batch(batch_sampler)
         self._iterator, self._next_epoch = None, None
 
@@ -129,7 +141,8 @@ class DaliTrainLoader(_DaliLoader):
             self.data_config,
             batch_size=self._batch_images,
             device_id=self.device_id,
-            rank=self.batch_sampler.rank,
+            seed=self.seed * 1000 + self.batch_sampler.rank,
+            float16=self.float16,
             layout=self.layout,
         )
         self._iterator = DALIGenericIterator(
@@ -242,9 +255,13 @@ def create_dali_loaders(
     ctx,
     batches: str = "anchor",
     views: int = 1,
+    *,
+    seed: int,
+    float16: bool = False,
 ):
     """One pipeline per rank on its own GPU (CPU operators when the device is the CPU), reading the plan
-    a method's ``batches`` declaration asks for."""
+    a method's ``batches`` declaration asks for; ``seed`` is the run's (--seed), ``float16`` the output
+    dtype on a GPU under float16 AMP."""
     if views != 1:
         raise ConfigError(
             f"--data-backend dali decodes one augmented view per image; this method needs {views}: "
@@ -258,10 +275,10 @@ def create_dali_loaders(
         args.batch_size,
         num_replicas=ctx.world_size,
         rank=ctx.rank,
-        seed=args.seed,
+        seed=seed,
         repeats=args.aug_repeats,
     )
-    train = DaliTrainLoader(train_index, sampler, data_config, args, device_id)
+    train = DaliTrainLoader(train_index, sampler, data_config, args, device_id, seed=seed, float16=float16)
     val = None
     if val_index is not None:
         val = DaliValLoader(

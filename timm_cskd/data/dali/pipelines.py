@@ -90,19 +90,19 @@ def _normalise(images, data_config, *, mirror, layout: str, dtype):
     )
 
 
-def train_pipeline(source, args, data_config: dict, *, batch_size: int, device_id, rank: int, layout: str):
+def train_pipeline(
+    source, args, data_config: dict, *, batch_size: int, device_id, seed: int, float16: bool, layout: str
+):
     """The built training pipeline over a parallel per-sample ``source`` of (encoded bytes, label), its
     readers spawned (see ``timm_cskd.data.dali.source``)."""
     size = data_config["input_size"][-2:]
-    dtype = (
-        types.FLOAT16 if args.amp and args.amp_dtype == "float16" and device_id is not None else types.FLOAT
-    )
+    dtype = types.FLOAT16 if float16 and device_id is not None else types.FLOAT
 
     @pipeline_def(
         batch_size=batch_size,
         num_threads=max(args.workers, 1),
         device_id=device_id,
-        seed=args.seed * 1000 + rank,
+        seed=seed,
         py_num_workers=max(args.workers, 1),
         py_start_method="spawn",
         prefetch_queue_depth=2,
