@@ -123,6 +123,27 @@ def test_refused_flag_is_refused_at_the_conversion():
     assert flat["tta"] == 0 and flat["dataset"] == "folder"
 
 
+def test_a_configuration_built_in_python_is_refused_a_timm_dataset_before_any_folder(tmp_path):
+    """The command line refuses --dataset torch/...; a RunConfig made in Python passes resolve_run."""
+    from timm_cskd.experiment import resolve_run
+
+    config = RunConfig.from_dict({"dataset": "torch/cifar10", "output": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match="--dataset 'torch/cifar10'"):
+        resolve_run(config)
+    assert not (tmp_path / "out").exists()
+    assert resolve_run(config.replace(dataset="wds/imagenet")).config.data.dataset == "wds/imagenet"
+
+
+def test_the_flat_form_never_hands_out_a_shared_default():
+    flat = RunConfig.from_namespace(parse_args([])).to_dict()
+    listed = [k for k, v in flat.items() if isinstance(v, list)]
+    assert listed, "some flag defaults are lists"
+    for key in listed:
+        flat[key].append("changed")
+    again = RunConfig.from_namespace(parse_args([])).to_dict()
+    assert all("changed" not in again[key] for key in listed)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -139,3 +160,20 @@ def test_timm_namespace_gives_timm_what_the_command_line_would(argv):
     assert optimizer_kwargs(ns) == optimizer_kwargs(args)
     for decreasing in (None, True):
         assert scheduler_kwargs(ns, decreasing) == scheduler_kwargs(args, decreasing)
+
+
+def test_wandb_starts_from_a_recipe_whose_tags_are_null(tmp_path, monkeypatch):
+    """YAML values skip argparse's nargs: ``wandb_tags: null`` reaches the scalar log as None."""
+    from timm_cskd.scalars import ScalarLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("log_wandb: true\nwandb_project: offline-test\nwandb_tags: null\n")
+    config = RunConfig.from_namespace(parse_args(["-c", str(recipe), "--experiment", "tags"]))
+    assert config.output.wandb_tags is None
+    log = ScalarLog(config.output, tmp_path, config.to_dict())
+    try:
+        assert list(log.wandb.tags) == []
+    finally:
+        log.close()

@@ -101,7 +101,7 @@ def _verdict(fraction: float, images_per_step: int) -> str:
 
 
 def run(bench: argparse.Namespace, config: RunConfig) -> None:
-    resolved = resolve_run(config)
+    resolved = resolve_run(config.replace(resume=""))  # the benchmark never resumes a run
     config = resolved.config
     model, data, runtime = config.model, config.data, config.runtime
     index = _train_index(data, model.num_classes)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from timm_cskd import checkpoint as ckpt
-from timm_cskd.config import DEFAULT_VAL_SPLIT, DataConfig, OutputConfig, RunConfig
+from timm_cskd.config import DEFAULT_VAL_SPLIT, DataConfig, OutputConfig, RunConfig, dataset_refusal
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.data.shard_index import (
     MANIFEST,
@@ -340,6 +340,9 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     """Resolve the configuration once and check its flags together, before any folder, scan or model:
     the method (its name and full hyper-parameters, as args.yaml records them), the data folder (timm's
     positional one), the checkpoint interval (timm's --recovery-interval)."""
+    refusal = dataset_refusal(config.data.dataset)  # also for a configuration built in Python
+    if refusal:
+        raise ConfigError(f"timm train.py settings this trainer cannot honour: {refusal}")
     method_cls, method_kwargs = resolve_method(config.method)
     views = method_cls.views(method_kwargs)
     config = config.replace(method=method_cls.name, method_kwargs=method_kwargs)

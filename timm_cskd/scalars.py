@@ -34,7 +34,7 @@ class ScalarLog:
                 project=args.wandb_project,
                 name=args.experiment,
                 config=record,
-                tags=list(args.wandb_tags),
+                tags=list(args.wandb_tags or ()),  # YAML's null is not parsed into a list
                 dir=str(out_dir),
                 resume="must" if args.wandb_resume_id else None,
                 id=args.wandb_resume_id or None,

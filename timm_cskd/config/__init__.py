@@ -9,7 +9,7 @@ only form the layers above receive; ``timm_args`` turns its optimisation section
 timm's optimizer and scheduler factories read.
 """
 
-from timm_cskd.config.flag_table import REFUSED, build_parser, refused_settings
+from timm_cskd.config.flag_table import REFUSED, build_parser, dataset_refusal, refused_settings
 from timm_cskd.config.flags_input import DEFAULT_VAL_SPLIT
 from timm_cskd.config.parse import dump_args, parse_args
 from timm_cskd.config.paths import CONFIG_DIR, DEMO_CONFIG, config_names, resolve_config
@@ -40,6 +40,7 @@ __all__ = [
     "RunConfig",
     "RuntimeConfig",
     "build_parser",
+    "dataset_refusal",
     "config_names",
     "dump_args",
     "load_yaml_defaults",

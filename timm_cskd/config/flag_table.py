@@ -10,7 +10,7 @@ from timm_cskd.config.flags_optimization import add_optimization_flags
 from timm_cskd.config.flags_run import add_run_flags
 from timm_cskd.config.refusal import refusals
 
-__all__ = ["FOLDER_DATASETS", "REFUSED", "build_parser", "refused_settings"]
+__all__ = ["FOLDER_DATASETS", "REFUSED", "build_parser", "dataset_refusal", "refused_settings"]
 
 # timm's names for the folder dataset this trainer reads.
 FOLDER_DATASETS = ("", "folder", "imagefolder")
@@ -41,12 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
 REFUSED = refusals(build_parser())
 
 
+def dataset_refusal(dataset) -> str | None:
+    """Why --dataset cannot be honoured (a timm dataset other than folders and wds/ shards), or None."""
+    if dataset in FOLDER_DATASETS or str(dataset).startswith("wds/"):
+        return None
+    return f"--dataset {dataset!r}: {REFUSED['dataset'][1]}"
+
+
 def refused_settings(args: argparse.Namespace) -> list[str]:
     """The timm flags set to values this trainer cannot honour, each with its reason."""
     found = []
     for dest, (default, reason) in REFUSED.items():
         value = getattr(args, dest)
-        if dest == "dataset" and (value in FOLDER_DATASETS or str(value).startswith("wds/")):
+        if dest == "dataset":
+            refusal = dataset_refusal(value)
+            found += [refusal] if refusal else []
             continue
         if isinstance(value, tuple):
             value = list(value)

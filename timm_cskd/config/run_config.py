@@ -65,8 +65,8 @@ def _frozen(value):
 
 
 def _plain(value):
-    """The YAML/checkpoint form: tuples as lists, dicts copied."""
-    if isinstance(value, tuple):
+    """The YAML/checkpoint form: tuples as lists, lists and dicts copied (never a cached default)."""
+    if isinstance(value, (tuple, list)):
         return list(value)
     if isinstance(value, dict):
         return dict(value)
