@@ -3,7 +3,9 @@
 The file holds timm's keys (``arch``, ``state_dict``, ``state_dict_ema``, ``optimizer``, ``epoch`` as the
 last completed epoch with ``version`` 2, ``args``, ``metric``, the AMP scaler under its timm key), so
 timm's own ``load_checkpoint`` / ``resume_checkpoint`` read it, plus what timm's resume lacks to continue
-mid-epoch: the scheduler, the sampler position and every RNG state.
+mid-epoch: the scheduler, the sampler position and every RNG state. ``args`` is a plain dictionary of the
+run's configuration; ``config_version`` numbers its layout, so a release reads the layouts it knows and
+refuses, by name, a checkpoint written by a newer one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from timm_cskd.methods import get_method
 from timm_cskd.sampler import saved_position
 
 __all__ = [
+    "CONFIG_VERSION",
     "CheckpointError",
+    "config_version",
     "LoadedModel",
     "load_model",
     "save_checkpoint",
@@ -39,6 +43,10 @@ _logger = logging.getLogger(__name__)
 LAST = "last.pth.tar"
 BEST = "model_best.pth.tar"
 PREVIOUS = "last-previous.pth.tar"
+
+# The layout of the ``args`` dictionary this release writes. Checkpoints written before the key existed
+# (tests/fixtures/checkpoint_release2) hold the same layout and count as version 1.
+CONFIG_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
@@ -68,8 +76,29 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfile(src, tmp)
 
 
+def config_version(checkpoint: dict, path: str | os.PathLike) -> int:
+    """The layout version of the checkpoint's ``args`` (1 when it does not say); a CheckpointError naming
+    ``path`` for one newer than this release reads, or one that is not a positive integer."""
+    version = checkpoint.get("config_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: config_version {version!r} is not a positive integer")
+    if version > CONFIG_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer timm-cskd (config_version {version}; this one reads up to "
+            f"{CONFIG_VERSION}): load it with the release that wrote it or a later one"
+        )
+    return version
+
+
 def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """torch.load with weights_only=True, turning truncation and foreign files into CheckpointError."""
+    """torch.load with weights_only=True, turning truncation, foreign files and a configuration layout
+    newer than this release's into CheckpointError."""
+    checkpoint = _read_checkpoint(path, mmap)
+    config_version(checkpoint, path)
+    return checkpoint
+
+
+def _read_checkpoint(path: str | os.PathLike, mmap: bool) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -91,7 +120,9 @@ def training_progress(checkpoint: dict) -> tuple[int, int]:
 def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | None:
     """The furthest-trained checkpoint in ``folder`` that loads, skipping unreadable ones with a warning.
 
-    Candidates are memory-mapped while compared, so only the chosen one is ever read whole."""
+    Candidates are memory-mapped while compared, so only the chosen one is ever read whole. Its
+    ``config_version`` is the caller's to check: one from a newer release is refused, never skipped,
+    since resuming an older checkpoint instead would overwrite the newer run's."""
     folder = Path(folder)
     best = None
     for name in (LAST, PREVIOUS, BEST):
@@ -99,7 +130,7 @@ def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | Non
         if not path.is_file():
             continue
         try:
-            checkpoint = load_checkpoint_file(path, mmap=True)
+            checkpoint = _read_checkpoint(path, mmap=True)
         except CheckpointError as e:
             _logger.warning("--resume auto: skipping %s", e)
             continue

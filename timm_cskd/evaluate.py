@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,163 +30,20 @@ from timm.data import resolve_data_config
 
 from timm_cskd.calibration import T_MAX, T_MIN, fit_temperature, temperature_scaled_metrics
 from timm_cskd.checkpoint import CheckpointError, load_model
-from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex, build_index, find_split
+from timm_cskd.data.index import VAL_SPLITS, DataIndexError, ImageIndex
 from timm_cskd.data.loader import build_val_prep, build_val_transform, create_val_loader
-from timm_cskd.data.shard_index import MANIFEST, is_shard_folder
 from timm_cskd.distributed import setup_context
 from timm_cskd.errors import ConfigError
+from timm_cskd.eval_splits import check_held_out, split_index
+from timm_cskd.evaluation import Evaluation, evaluate, recall_at_1
 from timm_cskd.flag_checks import check_device
-from timm_cskd.metrics import DEFAULT_ECE_BINS, ClassificationMeter, recall_at_k
+from timm_cskd.metrics import DEFAULT_ECE_BINS
 from timm_cskd.reliability import bins_to_dict, plot_reliability
 from timm_cskd.results import FORMATS, evaluated_setup, results_row, write_results
 
 __all__ = ["Evaluation", "evaluate", "main", "recall_at_1"]
 
 _logger = logging.getLogger("timm_cskd.evaluate")
-
-
-@dataclass
-class Evaluation:
-    meter: ClassificationMeter
-    features: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-
-
-def _forward(model, images, collect: bool):
-    if not collect:
-        return model(images), None
-    features = model.forward_features(images)
-    return model.forward_head(features), model.forward_head(features, pre_logits=True)
-
-
-def _gather_to_primary(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor | None:
-    """On rank 0, the ranks' shards in dataset order (rank r held images r, r + W, r + 2W, ...); None on
-    the other ranks, which never use them (an all-gather would hold W copies of the features)."""
-    if world_size == 1:
-        return local
-    longest = -(-total // world_size)
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: len(local)] = local
-    primary = dist.get_rank() == 0
-    parts = [torch.empty_like(padded) for _ in range(world_size)] if primary else None
-    dist.gather(padded, parts, dst=0)
-    if not primary:
-        return None
-    out = local.new_empty((total, *local.shape[1:]))
-    for rank, part in enumerate(parts):
-        out[rank::world_size] = part[: len(range(rank, total, world_size))]
-    return out
-
-
-def _precision_settings() -> list:
-    """torch >= 2.9's per-backend float32 precision settings ("ieee", "tf32", "bf16", or "none": as the
-    enclosing backend), where this torch has them."""
-    found = []
-    for path in ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"):
-        holder = torch.backends
-        for part in path.split("."):
-            holder = getattr(holder, part, None)
-        if holder is not None and hasattr(holder, "fp32_precision"):
-            found.append(holder)
-    return found
-
-
-def _readable(getter):
-    # torch's legacy getters raise once the per-backend API has left the backends disagreeing.
-    try:
-        return getter()
-    except RuntimeError:
-        return None
-
-
-@contextlib.contextmanager
-def full_fp32():
-    """Float32 matmuls and convolutions in IEEE float32 (no TF32, no bf16) inside; the caller's
-    settings restored after, also on errors.
-
-    ``setup_context`` turns TF32 on for training speed; metrics compared across runs, GPUs and papers
-    must not carry its 10-bit mantissa.
-    """
-    settings = _precision_settings()
-    saved = [holder.fp32_precision for holder in settings]
-    saved_matmul = _readable(torch.get_float32_matmul_precision)
-    saved_cudnn = _readable(lambda: torch.backends.cudnn.allow_tf32)
-    try:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = False
-        for holder in settings:
-            holder.fp32_precision = "ieee"
-        yield
-    finally:
-        # The legacy setters also write the per-backend settings, so those are restored last.
-        if saved_matmul is not None:
-            torch.set_float32_matmul_precision(saved_matmul)
-        if saved_cudnn is not None:
-            torch.backends.cudnn.allow_tf32 = saved_cudnn
-        for holder, value in zip(settings, saved):
-            holder.fp32_precision = value
-
-
-def evaluate(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device,
-    *,
-    autocast=contextlib.nullcontext,
-    channels_last: bool = False,
-    num_bins: int = DEFAULT_ECE_BINS,
-    collect: bool = False,
-    save_logits: bool = False,
-    progress: bool = False,
-) -> Evaluation:
-    """Run ``model`` over ``loader`` (this rank's shard) in full float32 and all-reduce the metric sums.
-
-    ``collect`` also gathers penultimate pooled features (for recall@k), ``save_logits`` the float32
-    logits; either gathers the labels, all in dataset order on rank 0 (None on the other ranks).
-    ``progress`` logs every tenth of the batches.
-    """
-    meter = ClassificationMeter(num_bins=num_bins, device=device)
-    features, logits_seen, labels = [], [], []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), full_fp32():
-        report_every = max(len(loader) // 10, 1)
-        for step, (images, target) in enumerate(loader, 1):
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits, pooled = _forward(model, images, collect)
-            meter.update(logits, target)
-            if collect:
-                features.append(pooled.float())
-            if save_logits:
-                logits_seen.append(logits.float())
-            if collect or save_logits:
-                labels.append(target)
-            if progress and (step % report_every == 0 or step == len(loader)):
-                _logger.info("evaluated %d/%d batches", step, len(loader))
-    model.train(was_training)
-    meter.all_reduce()
-    result = Evaluation(meter)
-    if collect or save_logits:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        total = int(meter.sums[0].item())
-        result.labels = _gather_to_primary(torch.cat(labels), total, world)
-        if collect:
-            result.features = _gather_to_primary(torch.cat(features), total, world)
-        if save_logits:
-            result.logits = _gather_to_primary(torch.cat(logits_seen), total, world)
-    return result
-
-
-def recall_at_1(result: Evaluation, chunk_size: int = 1024) -> float:
-    """recall@1 (percent) of an evaluation's gathered features, on rank 0, in full float32 like every
-    other metric: its shortlist's matrix products would otherwise run in the TF32 training turns on."""
-    with full_fp32():
-        return recall_at_k(result.features, result.labels, k=1, chunk_size=chunk_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,69 +98,6 @@ def _default_output(checkpoint: Path, split: str) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent) / f"eval-{split}"
 
 
-def _split_index(data_dir, name: str, names: list[str], class_names, num_classes: int):
-    """(source, index) of a split: a folder or list file under ``data_dir``, checked against the model."""
-    if is_shard_folder(data_dir):
-        raise DataIndexError(
-            f"{data_dir} is a tar shard folder ({MANIFEST}): evaluate reads ImageFolders and list files; "
-            "point --data-dir at the folder the shards were written from"
-        )
-    source = find_split(data_dir, names)
-    if source is None:
-        raise DataIndexError(f"no '{name}' folder or list file in {data_dir}")
-    # A list file need not name every class; its labels index the model's outputs.
-    listed = source.is_file()
-    index = build_index(
-        source, classes=None if listed else class_names, num_classes=num_classes if listed else None
-    )
-    if index.num_classes != num_classes:
-        raise DataIndexError(f"{source} has {index.num_classes} classes, the model predicts {num_classes}")
-    return source, index
-
-
-def _image_files(index: ImageIndex) -> set[str]:
-    """The index's files with their folders' symlinks resolved (once per folder, not once per image)."""
-    folders, files = {}, set()
-    for i in range(len(index)):
-        folder, name = os.path.split(index.full_path(i))
-        if folder not in folders:
-            folders[folder] = os.path.realpath(folder)
-        files.add(os.path.join(folders[folder], name))
-    return files
-
-
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _copies(files: set[str], others: set[str]) -> set[str]:
-    """The ``files`` whose bytes equal one of ``others``': only files of a size both sides have are
-    hashed, so disjoint splits cost one stat per image."""
-    sizes: dict[int, list[str]] = {}
-    for path in others:
-        sizes.setdefault(os.path.getsize(path), []).append(path)
-    candidates = [p for p in files if os.path.getsize(p) in sizes]
-    sized = {os.path.getsize(p) for p in candidates}
-    digests = {_file_digest(o) for size in sized for o in sizes[size]}
-    return {p for p in candidates if _file_digest(p) in digests}
-
-
-def _check_held_out(calib_source: Path, calib: ImageIndex, source: Path, evaluated: ImageIndex) -> None:
-    """A temperature fitted on the images it is then judged on flatters NLL and ECE: refuse any overlap
-    (the same split, a list file naming the evaluated folder's images, or copies of them)."""
-    calib_files, evaluated_files = _image_files(calib), _image_files(evaluated)
-    shared = calib_files & evaluated_files
-    how = "shares"
-    if not shared:
-        shared, how = _copies(calib_files, evaluated_files), "holds byte-identical copies of"
-    if shared:
-        raise DataIndexError(
-            f"--calib-split {calib_source} {how} {len(shared)} of its {len(calib)} images with the evaluated "
-            f"split {source} (e.g. {min(shared)}): the temperature must be fitted on held-out images"
-        )
-
-
 def check_args(args) -> None:
     """The values alone, before any model or image is loaded."""
     for flag, value, low in (
@@ -347,13 +138,13 @@ def run(args) -> dict:
     # A plain state_dict carries no preprocessing: the model's pretrained_cfg fills what flags leave open.
     data_config = resolve_data_config(saved, model=model)
     names = VAL_SPLITS if args.split == "val" else [args.split]
-    source, index = _split_index(args.data_dir, args.split, names, loaded.class_names, model.num_classes)
+    source, index = split_index(args.data_dir, args.split, names, loaded.class_names, model.num_classes)
     calib_index = None
     if args.calib_split is not None:
-        calib_source, calib_index = _split_index(
+        calib_source, calib_index = split_index(
             args.data_dir, args.calib_split, [args.calib_split], loaded.class_names, model.num_classes
         )
-        _check_held_out(calib_source, calib_index, source, index)
+        check_held_out(calib_source, calib_index, source, index)
     # Once the inputs are checked, before the evaluation: hours of it must not end unable to write.
     out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.split)
     error = None

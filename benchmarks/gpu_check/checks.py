@@ -23,7 +23,6 @@ from .common import (
     make_model,
     make_optimizer,
     make_task,
-    no_tf32,
     rel,
     train_step,
 )
@@ -203,7 +202,8 @@ def check_ddp(env: Env) -> Row:
 
 
 def check_evaluate(env: Env) -> Row:
-    from timm_cskd.evaluate import evaluate
+    from timm_cskd.evaluation import evaluate
+    from timm_cskd.precision import full_fp32
 
     model = make_model(env).eval()
     g = torch.Generator().manual_seed(6)
@@ -211,7 +211,7 @@ def check_evaluate(env: Env) -> Row:
     images = [torch.randn(size, 3, img, img, generator=g) for _ in range(n_batches)]
     # The reference runs in IEEE float32 as evaluate() does: a random network's top two logits are
     # close enough for TF32 to flip its predictions.
-    with torch.no_grad(), no_tf32():
+    with torch.no_grad(), full_fp32():
         logits = torch.cat([model(x.to(env.device)).double() for x in images])
     pred = logits.argmax(1).cpu()
     # Half the labels are the prediction, half random, so the top-1 error is nowhere near 0 or 100%.

@@ -178,18 +178,3 @@ def is_missing_compiler_error(exc: BaseException) -> bool:
 def error_text(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """IEEE float32 convolutions and matmuls inside (the run turns TF32 on, as the trainer does)."""
-    try:
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    except RuntimeError:
-        saved = None  # torch >= 2.9 refuses the legacy getters once per-backend settings disagree
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -20,7 +20,7 @@ from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import RunConfig, dump_args
 from timm_cskd.data.shard_index import ShardIndex
 from timm_cskd.distributed import setup_context
-from timm_cskd.evaluate import evaluate
+from timm_cskd.evaluation import evaluate
 from timm_cskd.experiment import open_experiment, remove_previous_run, resolve_run, setup_logging
 from timm_cskd.naming import format_duration
 from timm_cskd.step import train_step

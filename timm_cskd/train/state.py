@@ -46,6 +46,7 @@ def checkpoint_state(parts, state: TrainState, rng_states: list[dict]) -> dict:
         "epoch": state.epoch - 1,
         "version": 2,
         "args": config.to_dict(),
+        "config_version": ckpt.CONFIG_VERSION,
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
         "metric": state.best_metric,  # timm's key: the best --eval-metric value so far
@@ -86,7 +87,11 @@ def load_resume_checkpoint(ctx: Context, out_dir: Path, resume: str) -> tuple[Pa
     else:
         path = Path(resume)
     try:
-        state = found[1] if found is not None else ckpt.load_checkpoint_file(path)
+        if found is not None:
+            state = found[1]
+            ckpt.config_version(state, path)  # a newer release's checkpoint refused, not skipped
+        else:
+            state = ckpt.load_checkpoint_file(path)
         if "global_step" not in state:
             raise ckpt.CheckpointError(
                 f"{path} is not a timm-cskd training checkpoint (no training position)"
