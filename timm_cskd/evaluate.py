@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from timm_cskd.metrics import DEFAULT_ECE_BINS
 from timm_cskd.reliability import bins_to_dict, plot_reliability
 from timm_cskd.results import FORMATS, evaluated_setup, results_row, write_results
 
-__all__ = ["Evaluation", "evaluate", "main", "recall_at_1"]
+__all__ = ["EvaluateConfig", "Evaluation", "check_args", "evaluate", "main", "recall_at_1", "run"]
 
 _logger = logging.getLogger("timm_cskd.evaluate")
 
@@ -94,11 +95,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """An evaluation's settings, one field per flag (named by its destination, with its default), so a
+    Python caller gives only what it needs: ``EvaluateConfig(checkpoint, data_dir, split="test")``."""
+
+    checkpoint: str
+    data_dir: str
+    split: str = "val"
+    calib_split: str | None = None
+    model: str | None = None
+    ema: bool = False
+    save_predictions: bool = False
+    output: str | None = None
+    results_file: str | None = None
+    results_format: str = "csv"
+    img_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    batch_size: int = 128
+    workers: int = 4
+    device: str | None = None
+    amp: bool = False
+    channels_last: bool = False
+    ece_bins: int = DEFAULT_ECE_BINS
+    recall_chunk: int = 1024
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> EvaluateConfig:
+        return cls(**vars(args))
+
+
 def _default_output(checkpoint: Path, split: str) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.resolve().parent) / f"eval-{split}"
 
 
-def check_args(args) -> None:
+def check_args(args: EvaluateConfig) -> None:
     """The values alone, before any model or image is loaded."""
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -120,9 +152,13 @@ def check_args(args) -> None:
         raise ConfigError(f"--output {args.output} is an existing file: evaluate writes a folder")
     if args.results_file and Path(args.results_file).is_dir():
         raise ConfigError(f"--results-file {args.results_file} is a folder: it names the file to write")
+    if args.results_format not in FORMATS:
+        raise ConfigError(f"--results-format {args.results_format}: must be one of {', '.join(FORMATS)}")
 
 
-def run(args) -> dict:
+def run(args: EvaluateConfig) -> dict:
+    """Evaluate ``args``: the metrics (as metrics.json holds them, with the ``output`` folder) on the
+    primary rank; the checks of ``check_args`` refuse a value before any model or image is loaded."""
     check_args(args)
     ctx = setup_context(args)
     logging.basicConfig(level=logging.INFO if ctx.primary else logging.WARNING, format="%(message)s")
@@ -271,7 +307,7 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(EvaluateConfig.from_namespace(args))
     except (CheckpointError, DataIndexError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -31,11 +32,31 @@ from timm_cskd.checkpoint import CheckpointError, LoadedModel, load_model
 from timm_cskd.hub import UploadError, check_repo_id, hub_name, hub_token, push_folder
 from timm_cskd.model_card import card_dataset, checkpoint_metrics, ece_bins, model_card, read_metrics_file
 
-__all__ = ["ece_bins", "export", "main"]
+__all__ = ["ExportConfig", "check_args", "ece_bins", "export", "main", "run"]
 
 WEIGHTS = "model.safetensors"
 EXPORT_FILES = {WEIGHTS, "config.json", "README.md"}
 EXPORT_TAG = "cskd"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """An export's settings, one field per flag (named by its destination, with its default):
+    ``ExportConfig(checkpoint, output, ema=True)``."""
+
+    checkpoint: str
+    output: str
+    ema: bool = False
+    model: str | None = None
+    metrics: str | None = None
+    dataset: str | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> ExportConfig:
+        return cls(**vars(args))
 
 
 def plain_timm_model(loaded: LoadedModel) -> torch.nn.Module:
@@ -195,32 +216,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: ExportConfig) -> None:
+    """The values alone, before the token is looked up or the checkpoint read."""
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
+        return
+    for flag in ("private", "revision"):
+        if getattr(args, flag):
+            raise CheckpointError(f"--{flag} is for the upload: add --push-to-hub ORG/NAME")
+
+
+def run(args: ExportConfig) -> Path:
+    """Export ``args.checkpoint`` to ``args.output`` (and upload it with ``push_to_hub``); the folder."""
+    check_args(args)
+    token = hub_token() if args.push_to_hub else None
+    out = export(
+        args.checkpoint,
+        args.output,
+        ema=args.ema,
+        model_name=args.model,
+        metrics_file=args.metrics,
+        repo_id=args.push_to_hub,
+        revision=args.revision,
+        dataset=args.dataset,
+    )
+    print(f"exported to {out}: load with timm.create_model('local-dir:{out}', pretrained=True)")
+    if args.push_to_hub:
+        url = push_folder(out, args.push_to_hub, token, private=args.private, revision=args.revision)
+        name = hub_name(args.push_to_hub, args.revision)
+        print(f"uploaded to {url}: load with timm.create_model('{name}', pretrained=True)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        token = None
-        if args.push_to_hub:
-            check_repo_id(args.push_to_hub)
-            token = hub_token()
-        else:
-            for flag in ("private", "revision"):
-                if getattr(args, flag):
-                    raise CheckpointError(f"--{flag} is for the upload: add --push-to-hub ORG/NAME")
-        out = export(
-            args.checkpoint,
-            args.output,
-            ema=args.ema,
-            model_name=args.model,
-            metrics_file=args.metrics,
-            repo_id=args.push_to_hub,
-            revision=args.revision,
-            dataset=args.dataset,
-        )
-        print(f"exported to {out}: load with timm.create_model('local-dir:{out}', pretrained=True)")
-        if args.push_to_hub:
-            url = push_folder(out, args.push_to_hub, token, private=args.private, revision=args.revision)
-            name = hub_name(args.push_to_hub, args.revision)
-            print(f"uploaded to {url}: load with timm.create_model('{name}', pretrained=True)")
+        run(ExportConfig.from_namespace(args))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+from collections.abc import Mapping
 
 import yaml
 from timm.utils import ParseKwargs
@@ -14,7 +15,7 @@ from timm.utils import ParseKwargs
 from timm_cskd.config.paths import resolve_config
 from timm_cskd.errors import ConfigError
 
-__all__ = ["KEY_SYNONYMS", "load_yaml_defaults"]
+__all__ = ["KEY_SYNONYMS", "check_values", "load_yaml_defaults"]
 
 
 def _valid_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -38,6 +39,13 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
         raise ConfigError(f"cannot read config file {path}: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
+    return check_values(raw, parser, path)
+
+
+def check_values(raw: Mapping, parser: argparse.ArgumentParser, source) -> dict:
+    """Settings keyed by flag (dashes or underscores), each checked as its flag would check it and typed
+    as it types it; an unknown key names the closest valid one. ``source`` (a file, a function) starts
+    each message."""
     valid = _valid_keys(parser)
     values = {}
     for key, value in raw.items():
@@ -47,20 +55,20 @@ def load_yaml_defaults(path: str | os.PathLike, parser: argparse.ArgumentParser)
                 iter(difflib.get_close_matches(dest, list(valid), n=1, cutoff=0.5)), None
             )
             hint = f"; did you mean '{close}'?" if close else ""
-            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
         action = valid[dest]
         if isinstance(action, ParseKwargs) and isinstance(value, list):
             namespace = argparse.Namespace()
             action(None, namespace, [str(v) for v in value])
             value = getattr(namespace, dest)
-        value = _typed(path, key, action, value)
+        value = _typed(source, key, action, value)
         if (
             action.choices is not None
             and value not in action.choices
             and not (value is None and action.default is None)
         ):
             raise ConfigError(
-                f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}"
+                f"{source}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}"
                 + (" (quote it: bare yes/no/on/off are YAML booleans)" if isinstance(value, bool) else "")
             )
         values[dest] = value

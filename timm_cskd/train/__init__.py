@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from timm_cskd import checkpoint as ckpt
 from timm_cskd.config import DEMO_CONFIG, RunConfig, parse_args
@@ -28,11 +29,12 @@ from timm_cskd.train.loop import Trainer
 from timm_cskd.train.records import print_final_table
 from timm_cskd.train.state import TrainState
 
-__all__ = ["TrainState", "Trainer", "TrainingDivergedError", "cli", "main", "print_final_table", "run"]
+__all__ = ["TrainState", "Trainer", "TrainingDivergedError", "cli", "fit", "main", "print_final_table", "run"]
 
 
-def run(config: RunConfig | argparse.Namespace) -> dict[str, float]:
-    """Train ``config``; the final validation metrics (rank 0 also prints them as a table)."""
+def fit(config: RunConfig | argparse.Namespace) -> tuple[dict[str, float], Path]:
+    """Train ``config``; the final validation metrics (rank 0 also prints them as a table) and the
+    experiment folder."""
     trainer = Trainer(config)
     try:
         metrics = trainer.fit()
@@ -40,7 +42,12 @@ def run(config: RunConfig | argparse.Namespace) -> dict[str, float]:
         trainer.close()
     if trainer.ctx.primary and metrics:
         print_final_table(trainer, metrics)
-    return metrics
+    return metrics, trainer.out_dir
+
+
+def run(config: RunConfig | argparse.Namespace) -> dict[str, float]:
+    """Train ``config``; the final validation metrics (rank 0 also prints them as a table)."""
+    return fit(config)[0]
 
 
 def main(argv: list[str] | None = None, default_config: str | os.PathLike | None = None) -> int:
