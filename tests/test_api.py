@@ -4,6 +4,8 @@ line trains, refusals are exceptions raised before any folder, and sys.argv is n
 import argparse
 import csv
 import dataclasses
+import io
+import logging
 import os
 import re
 import subprocess
@@ -112,6 +114,40 @@ def test_keywords_are_flags_over_the_yaml_as_on_the_command_line():
     assert given == api.train_config_from_argv(["-c", "demo", "--method", "ce", "--scale", "0.25", "1.0"])
     assert given.data.scale == (0.25, 1.0) and given.method.method == "ce"
     assert api.train_config(None).model.model == "resnet50"  # no config: the flag defaults
+
+
+def test_keywords_take_what_the_command_line_would_make_of_them(tmp_path):
+    """A path, one value for a many-valued flag, and a bare optional-value flag, as argv would give them."""
+    given = api.train_config("demo", output=tmp_path / "runs", decay_milestones=30, torchcompile=True)
+    expected = api.train_config_from_argv(
+        ["-c", "demo", "--output", str(tmp_path / "runs"), "--decay-milestones", "30", "--torchcompile"]
+    )
+    assert given == expected
+    assert (given.output.output, given.optim.decay_milestones, given.runtime.torchcompile) == (
+        str(tmp_path / "runs"),
+        (30,),
+        "inductor",
+    )
+    assert api.train_config("demo", torchcompile=False).runtime.torchcompile is None
+    # A flag that takes exactly three values refuses two, as --input-size 224 224 does.
+    with pytest.raises(ConfigError, match=r"^train_config: input_size: expected 3 values, got \[3, 224\]$"):
+        api.train_config("demo", input_size=(3, 224))
+
+
+def test_training_in_a_notebook_leaves_its_logging_as_it_was(demo_cache, tmp_path):
+    """The trainer's handlers (stdout, log.txt) come off when it ends and the caller's come back."""
+    root = logging.getLogger()
+    mine = logging.StreamHandler(io.StringIO())
+    root.addHandler(mine)
+    before, level = list(root.handlers), root.level
+    try:
+        trained = api.train(api.train_config_from_argv([*DEMO_FLAGS, "--output", str(tmp_path)]))
+        assert list(root.handlers) == before and root.level == level
+        logging.getLogger("timm_cskd.test").warning("after the run")
+        assert "after the run" not in (tmp_path / trained.folder.name / "log.txt").read_text()
+        assert "after the run" in mine.stream.getvalue()
+    finally:
+        root.removeHandler(mine)
 
 
 @pytest.mark.parametrize(

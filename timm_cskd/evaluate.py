@@ -161,7 +161,24 @@ def run(args: EvaluateConfig) -> dict:
     primary rank; the checks of ``check_args`` refuse a value before any model or image is loaded."""
     check_args(args)
     ctx = setup_context(args)
-    logging.basicConfig(level=logging.INFO if ctx.primary else logging.WARNING, format="%(message)s")
+    root, handler = logging.getLogger(), None
+    previous_level = root.level
+    if not root.handlers:  # the command line: progress on stderr; a caller's own logging is left alone
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO if ctx.primary else logging.WARNING)
+    try:
+        return _run(args, ctx)
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+            root.setLevel(previous_level)
+        if ctx.distributed and dist.is_initialized():  # also when a rank failed: the caller may go on
+            dist.destroy_process_group()
+
+
+def _run(args: EvaluateConfig, ctx) -> dict:
     loaded = load_model(args.checkpoint, args.model, ema=args.ema)
     model = loaded.model.to(ctx.device)
     if args.channels_last:
@@ -299,8 +316,6 @@ def run(args: EvaluateConfig) -> dict:
             out,
         )
         metrics["output"] = str(out)
-    if ctx.distributed:
-        dist.destroy_process_group()
     return metrics
 
 

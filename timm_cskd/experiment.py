@@ -10,6 +10,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,12 @@ __all__ = [
 _logger = logging.getLogger("timm_cskd.train")
 
 
-def setup_logging(ctx: Context, log_file: Path | None) -> None:
+def setup_logging(ctx: Context, log_file: Path | None) -> Callable[[], None]:
+    """The run's log lines on stdout (and rank 0's in ``log_file``) in place of the root logger's
+    handlers; returns the function that closes them and puts the caller's back (a notebook trains twice)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    previous, previous_level = list(root.handlers), root.level
+    for handler in previous:
         root.removeHandler(handler)
     level = logging.INFO if ctx.primary else logging.WARNING
     fmt = logging.Formatter(
@@ -64,6 +68,17 @@ def setup_logging(ctx: Context, log_file: Path | None) -> None:
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(file_handler)
     root.setLevel(level)
+    own = list(root.handlers)
+
+    def restore() -> None:
+        for handler in own:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in previous:
+            root.addHandler(handler)
+        root.setLevel(previous_level)
+
+    return restore
 
 
 def seed_everything(seed: int) -> None:

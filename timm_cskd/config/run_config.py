@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -56,7 +57,10 @@ def _section_of() -> dict[str, str]:
 
 
 def _frozen(value):
-    """A list (several values on the command line or in YAML) as a tuple; a dict copied."""
+    """A list (several values on the command line or in YAML) as a tuple; a dict copied; a path as its
+    string (args.yaml and checkpoints hold plain values)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, list):
         return tuple(value)
     if isinstance(value, dict):

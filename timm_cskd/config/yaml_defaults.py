@@ -96,20 +96,29 @@ KEY_SYNONYMS = {
 
 def _typed(path, key, action: argparse.Action, value):
     """A YAML value as its flag takes it: the flag's type for each element, a list only where the flag
-    takes several values, a boolean for an on/off flag."""
+    takes several values (one value becomes a list of one, as on the command line), as many as it takes,
+    a boolean for an on/off flag, a path as its string."""
     if value is None or isinstance(action, ParseKwargs):
         return value
-    takes_many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    takes_many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)
     if isinstance(value, list | tuple) and not takes_many:
         raise ConfigError(f"{path}: {key}: expected one value, got the list {list(value)}")
+    if takes_many and not isinstance(value, list | tuple):
+        value = [value]
+    if takes_many and isinstance(action.nargs, int) and len(value) != action.nargs:
+        raise ConfigError(f"{path}: {key}: expected {action.nargs} values, got {list(value)}")
     if isinstance(
         action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction
     ):
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: {key}: expected true or false, got {value!r}")
         return value
+    if action.nargs == "?" and isinstance(value, bool) and action.const is not None:
+        return action.const if value else None  # `--torchcompile` alone means its const (inductor)
     if action.type is None:
-        return value
+        if takes_many:
+            return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
     kind = getattr(action.type, "__name__", str(action.type))
     try:
         if isinstance(value, list | tuple):

@@ -51,7 +51,7 @@ class Trainer:
         self.ctx = ctx = setup_context(run.config.runtime)
         self.out_dir, self.lock, experiment = open_experiment(run.config, ctx)
         try:
-            setup_logging(ctx, self.out_dir / "log.txt")
+            self._restore_logging = setup_logging(ctx, self.out_dir / "log.txt")
             resume_from = run.config.output.resume
             resume = load_resume_checkpoint(ctx, self.out_dir, resume_from) if resume_from else None
             saved_args = resume[1].get("args", {}) if resume is not None else None
@@ -358,3 +358,6 @@ class Trainer:
             self.lock = None
         if self.ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
+        if getattr(self, "_restore_logging", None) is not None:
+            self._restore_logging()
+            self._restore_logging = None
