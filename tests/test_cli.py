@@ -53,6 +53,23 @@ def test_a_subcommand_gets_the_rest_of_the_command_line(capsys):
     assert stop.value.code == 0 and "--checkpoint" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_a_tools_usage_line_names_the_command_the_user_typed(name, capsys):
+    """``timm-cskd evaluate --help`` and a bad flag say ``timm-cskd evaluate``; the tool run on its own
+    keeps its own spelling, and the dispatcher's name does not outlive the call."""
+    module, _, function = cli.COMMANDS[name][0].partition(":")
+    tool = getattr(importlib.import_module(module), function)
+    with pytest.raises(SystemExit):
+        cli.main([name, "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: timm-cskd {name} "), err[:200]
+    assert f"\ntimm-cskd {name}: error: " in err
+    with pytest.raises(SystemExit):
+        tool(["--no-such-flag"])
+    direct = capsys.readouterr().err
+    assert direct.startswith("usage: ") and "timm-cskd" not in direct.splitlines()[0], direct[:200]
+
+
 def test_the_repository_configs_folder_is_the_packaged_one():
     assert (REPO / "configs").resolve() == CONFIG_DIR
     assert config_names() == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))

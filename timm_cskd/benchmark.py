@@ -40,6 +40,7 @@ from timm_cskd.data.shard_index import is_shard_folder, load_shard_index
 from timm_cskd.distributed import detect_launch, select_device
 from timm_cskd.errors import ConfigError
 from timm_cskd.experiment import resolve_run
+from timm_cskd.invocation import program_name
 from timm_cskd.throughput import loader_rates, median, time_rounds, torch_train_loader, training_step
 
 __all__ = ["build_parser", "main"]
@@ -49,7 +50,7 @@ DEFAULT_CLASSES = 1000
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="timm-cskd benchmark",
+        prog=program_name("python -m timm_cskd.benchmark"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,

@@ -16,6 +16,8 @@ import importlib
 import importlib.util
 import sys
 
+from timm_cskd.invocation import invoked_as
+
 __all__ = ["COMMANDS", "main"]
 
 # subcommand: ("module:function" taking argv and returning an exit code, one-line description)
@@ -75,4 +77,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{name}'{hint} (commands: {', '.join(known)})", file=sys.stderr)
         return 2
     module, _, function = COMMANDS[name][0].partition(":")
-    return getattr(importlib.import_module(module), function)(rest)
+    with invoked_as(f"timm-cskd {name}"):
+        return getattr(importlib.import_module(module), function)(rest)

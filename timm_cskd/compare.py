@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from timm_cskd.invocation import program_name
 from timm_cskd.reliability import load_bins, plot_reliability_overlay
 
 __all__ = ["compare_table", "main"]
@@ -45,7 +46,7 @@ def compare_table(runs: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.compare",
+        prog=program_name("python -m timm_cskd.compare"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

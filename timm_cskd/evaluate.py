@@ -38,6 +38,7 @@ from timm_cskd.errors import ConfigError
 from timm_cskd.eval_splits import check_held_out, split_index
 from timm_cskd.evaluation import Evaluation, evaluate, recall_at_1
 from timm_cskd.flag_checks import check_device
+from timm_cskd.invocation import program_name
 from timm_cskd.metrics import DEFAULT_ECE_BINS
 from timm_cskd.reliability import bins_to_dict, plot_reliability
 from timm_cskd.results import FORMATS, evaluated_setup, results_row, write_results
@@ -49,7 +50,7 @@ _logger = logging.getLogger("timm_cskd.evaluate")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.evaluate",
+        prog=program_name("python -m timm_cskd.evaluate"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -30,6 +30,7 @@ from timm.models import save_for_hf
 
 from timm_cskd.checkpoint import CheckpointError, LoadedModel, load_model
 from timm_cskd.hub import UploadError, check_repo_id, hub_name, hub_token, push_folder
+from timm_cskd.invocation import program_name
 from timm_cskd.model_card import card_dataset, checkpoint_metrics, ece_bins, model_card, read_metrics_file
 
 __all__ = ["ExportConfig", "check_args", "ece_bins", "export", "main", "run"]
@@ -181,7 +182,7 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.export",
+        prog=program_name("python -m timm_cskd.export"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -34,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot loads
 import numpy as np  # noqa: E402
 
+from timm_cskd.invocation import program_name  # noqa: E402
 from timm_cskd.naming import slug  # noqa: E402
 from timm_cskd.reliability import load_bins, plot_reliability, plot_reliability_overlay  # noqa: E402
 
@@ -328,7 +329,7 @@ def figures_for_study(study_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.figures",
+        prog=program_name("python -m timm_cskd.figures"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -9,6 +9,7 @@ from timm_cskd.config.flags_input import add_input_flags
 from timm_cskd.config.flags_optimization import add_optimization_flags
 from timm_cskd.config.flags_run import add_run_flags
 from timm_cskd.config.refusal import refusals
+from timm_cskd.invocation import program_name
 
 __all__ = ["FOLDER_DATASETS", "REFUSED", "build_parser", "dataset_refusal", "refused_settings"]
 
@@ -19,7 +20,7 @@ FOLDER_DATASETS = ("", "folder", "imagefolder")
 def build_parser() -> argparse.ArgumentParser:
     """timm train.py's flags with timm's names, defaults and groups, plus this trainer's own."""
     parser = argparse.ArgumentParser(
-        prog="train_imagenet.py",
+        prog=program_name("train_imagenet.py"),
         description="Train timm models on ImageNet-style folders with Class-wise Self-Knowledge Distillation. "
         "Accepts timm train.py's flags and args.yaml; flags it cannot honour stop the run when set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

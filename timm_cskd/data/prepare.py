@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from timm_cskd.invocation import program_name
+
 __all__ = ["FORMATS", "PrepareError", "SourceDataset", "load_source", "prepare_dataset", "read_idx", "main"]
 
 FORMATS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
@@ -372,7 +374,7 @@ def prepare_dataset(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.data.prepare",
+        prog=program_name("python -m timm_cskd.data.prepare"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -33,6 +33,7 @@ import numpy as np
 
 from timm_cskd.data.index import DataIndexError, build_index, find_split
 from timm_cskd.data.verify import check_image
+from timm_cskd.invocation import program_name
 
 __all__ = ["MANIFEST", "FORMAT", "parse_size", "write_split", "write_shards", "main"]
 
@@ -221,7 +222,7 @@ def write_shards(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.data.shards",
+        prog=program_name("python -m timm_cskd.data.shards"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

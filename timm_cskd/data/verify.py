@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from timm_cskd.data.index import DataIndexError, build_index
+from timm_cskd.invocation import program_name
 
 __all__ = ["check_image", "verify", "main"]
 
@@ -84,7 +85,7 @@ def read_exclude_list(path: str | os.PathLike) -> set[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.data.verify",
+        prog=program_name("python -m timm_cskd.data.verify"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -41,6 +41,7 @@ import shlex
 import sys
 
 from timm_cskd.errors import ConfigError
+from timm_cskd.invocation import program_name
 from timm_cskd.study.errors import StudyError
 from timm_cskd.study.plan import CHECKPOINTS, load_grid, plan_study
 from timm_cskd.study.rows import literal
@@ -51,7 +52,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.study",
+        prog=program_name("python -m timm_cskd.study"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from timm_cskd.invocation import program_name
 from timm_cskd.study.errors import ReportError
 from timm_cskd.study.regime import regime_paragraph
 from timm_cskd.study.tables import dataset_table, differences_legend, differences_table
@@ -78,7 +79,7 @@ def report(study_dir, baseline: str | None = None, calib_split: str | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m timm_cskd.study_report",
+        prog=program_name("python -m timm_cskd.study_report"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
