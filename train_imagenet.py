@@ -10,7 +10,9 @@ The same command as ``timm-cskd train`` and ``python -m timm_cskd.train``; flags
 
 import sys
 
+from timm_cskd.invocation import invoked_as
 from timm_cskd.train import cli
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    with invoked_as("train_imagenet.py"):
+        sys.exit(cli())

@@ -2,6 +2,8 @@
 finds the shipped recipes from any folder."""
 
 import importlib
+import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,7 +69,29 @@ def test_a_tools_usage_line_names_the_command_the_user_typed(name, capsys):
     with pytest.raises(SystemExit):
         tool(["--no-such-flag"])
     direct = capsys.readouterr().err
-    assert direct.startswith("usage: ") and "timm-cskd" not in direct.splitlines()[0], direct[:200]
+    # On its own the tool names a command that exists in the installed package: python -m MODULE.
+    assert direct.startswith("usage: python -m timm_cskd"), direct[:200]
+    runnable = direct.split()[3]
+    spec = importlib.util.find_spec(runnable)
+    if spec.submodule_search_locations:  # a package runs its __main__ module
+        assert importlib.util.find_spec(f"{runnable}.__main__") is not None, runnable
+    else:
+        assert 'if __name__ == "__main__":' in Path(spec.origin).read_text(), runnable
+    assert f"\n{direct.split()[1]} -m {runnable}: error: " in direct
+
+
+def test_the_checkout_script_names_itself(tmp_path):
+    """``python train_imagenet.py --bad-flag`` says train_imagenet.py, the command the user typed."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_imagenet.py"), "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: train_imagenet.py "), result.stderr[:200]
+    assert "\ntrain_imagenet.py: error: unrecognized arguments: --no-such-flag" in result.stderr
 
 
 def test_the_repository_configs_folder_is_the_packaged_one():

@@ -36,6 +36,8 @@ def test_curve_against_the_bins():
     assert curve.reliable.tolist() == [False, False, True, True]
     assert curve.sparse.tolist() == [False, True, False, False]
     assert curve.ece == pytest.approx((0.4 + 20 + 15) / 501)
+    # With no minimum every filled bin is drawn in full; an empty one is still no point at (0, 0).
+    assert reliability.reliability_curve(BINS, min_count=0).reliable.tolist() == [False, True, True, True]
 
 
 def test_single_diagram_draws_accuracy_over_counts_with_sparse_bins_faint():

@@ -304,3 +304,85 @@ def test_regime_with_no_difference_beyond_seed_noise():
     assert "No method is better or worse than CE beyond seed noise on any metric." in text
     assert "Better than" not in text and "top-1" not in text
     assert_traceable(text, rows)
+
+
+def test_regime_names_why_no_t_exists():
+    """Identical seeds have no spread to test against: the paragraph says so, not 'one seed'."""
+    ce, cskd = known_rows()[0][1][:1] * 3, known_rows()[1][1][:1] * 3
+    rows = [("CE", ce), ("CS-KD", cskd)]
+    assert "(no seed spread)" in differences_table(rows)
+    text = regime_paragraph(rows, calib_split="calib")
+    assert "With no spread over seeds no method can be told from CE beyond seed noise." in text
+    assert "one seed" not in text
+
+
+def test_a_gap_sign_inside_seed_noise_or_rounding_is_no_flip():
+    ce = [dict(m, conf_gap=g) for m, g in zip(known_rows()[0][1], (1.9, 2.0, 2.1))]
+    noisy = [dict(m, conf_gap=g) for m, g in zip(known_rows()[2][1], (-2.5, 1.8, 0.4))]  # -0.10 ± 2.17
+    rows = [("CE", ce), ("LS", noisy)]
+    text = regime_paragraph(rows, calib_split="calib")
+    assert "No method flips the sign of CE's confidence gap beyond seed noise." in text
+    spread = np.std([-2.5, 1.8, 0.4], ddof=1)
+    assert (
+        f"The gap of LS (-0.10 ± {spread:.2f}) has the opposite sign to CE's but lies within its seed "
+        "spread of 0." in text
+    )
+    assert_traceable(text, rows)
+    # A baseline gap that rounds to 0.00 is no regime, and a method's that rounds to -0.00 no flip.
+    tiny = [("CE", [dict(m, conf_gap=0.004) for m in ce]), ("LS", [dict(m, conf_gap=-0.003) for m in noisy])]
+    text = regime_paragraph(tiny, calib_split="calib")
+    assert text.startswith("The baseline CE is neither clearly over- nor under-confident")
+    assert "flip" not in text
+
+
+def test_a_one_seed_row_is_not_counted_among_the_tested():
+    ce, ls = known_rows()[0][1], known_rows()[2][1]
+    maxent = [dict(m, ece=m["ece"] + d) for m, d in zip(ce, (0.3, -0.2, 0.1))]
+    single = [dict(ce[0], top1_err=5.0)]
+    rows = [("CE", ce), ("MaxEnt", maxent), ("BYOT", single)]
+    text = regime_paragraph(rows, calib_split="calib")
+    assert "No tested method is better or worse than CE beyond seed noise on any metric." in text
+    assert "BYOT has no t against CE (one seed): no significance is read for it." in text
+    legend = differences_legend(rows)
+    assert "A row with one seed shows its difference alone." in legend
+    assert "not corrected for the number of entries" in legend and "one entry in 20" in legend
+    text = regime_paragraph([*rows[:1], ("LS", ls), rows[2]], calib_split="calib")
+    assert "Better than CE beyond seed noise (bold differences): LS on ECE." in text
+    assert "BYOT on" not in text and "BYOT has no t against CE (one seed)" in text
+
+
+def test_only_the_baseline_and_empty_rows():
+    ce = known_rows()[0][1]
+    assert differences_legend([("CE", ce)]) == (
+        "Only the baseline CE has evaluated runs on this dataset: no differences."
+    )
+    assert differences_table([("CE", ce)]) == ""
+    table = table_cells(dataset_table([("CE", ce), ("LS", [])]))
+    assert set(table["LS"].values()) == {"LS", "-", "0"}, "a row with no evaluated run shows dashes"
+    # A baseline top-1 error of 0 has no relative change to show.
+    zero = [dict(m, top1_err=0.0) for m in ce]
+    assert table_cells(dataset_table([("CE", zero), ("LS", known_rows()[2][1])]))["LS"][
+        "Top-1 err (%) ↓"
+    ] == ("11.00 ± 1.00")
+
+
+def test_a_non_finite_metric_reports_instead_of_crashing(tmp_path, capsys):
+    """A diverged cell's NaN NLL (study.csv stores repr(nan)) marks its entries and reads no t."""
+    rows = known_rows()
+    rows[1][1][0]["nll"] = float("nan")
+    study = synthetic_study(tmp_path, rows)
+    st.summarise(study)
+    assert study_report.main([str(study.output)]) == 0
+    printed = capsys.readouterr().out
+    cells = table_cells(printed.split("\n\n")[3])
+    assert cells["CS-KD"]["NLL ↓"] == "+nan (not finite)"
+    assert cells["LS"]["NLL ↓"].startswith("+0.000 (t"), "the other rows keep their tests"
+    table = table_cells(printed.split("\n\n")[1])
+    assert table["CS-KD"]["NLL ↓"] == "nan ± nan" and table["LS"]["NLL ↓"].startswith("**"), (
+        "a NaN mean is never the best"
+    )
+    rows[0][1][1]["conf_gap"] = float("inf")
+    assert (
+        regime_paragraph(rows)
+        == "No regime can be read: the baseline CE's confidence gap is not a finite number."
+    )

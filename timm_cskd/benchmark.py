@@ -5,7 +5,7 @@ the torch loader keeps up with it.
         --data-dir /imagenet -j 8
     python -m timm_cskd.benchmark -c configs/resnet50_cskd.yaml --data-dir /imagenet --torchcompile inductor
 
-Every flag but the four below is ``train_imagenet.py``'s (a config's ``-c`` too), with its meaning:
+Every flag but the four below is the trainer's (``timm-cskd train``, a config's ``-c`` too), with its meaning:
 ``--model``, ``--method``, ``-b``, ``--amp``/``--amp-dtype``, ``--channels-last``, ``--torchcompile``,
 ``--model-ema``, ``--bce-loss``, Mixup and the augmentation flags, ``-j``, ``--device``.
 
@@ -22,7 +22,7 @@ all its training shards, in one process) with the configured augmentation, its `
 the device prep (normalisation, random erasing), nothing consuming its batches: ``--rounds`` rounds of
 ``--loader-batches`` batches after as many warm-up batches as it has workers (at least ``--warmup``).
 The last line says what fraction of the step's demand the loader delivers. Without ``--data-dir`` only
-the step is measured. ``train_imagenet.py --help`` lists the trainer's flags.
+the step is measured. ``timm-cskd train --help`` lists the trainer's flags.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """How the user invoked a tool, for its usage line and errors: ``timm-cskd evaluate`` when the
-``timm-cskd`` dispatcher runs it, else the tool's own spelling (``python -m timm_cskd.evaluate``)."""
+``timm-cskd`` dispatcher runs it (``train_imagenet.py`` when that checkout script runs the trainer), else
+the tool's own spelling (``python -m timm_cskd.evaluate``)."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def reliability_curve(bins: dict, min_count: int = MIN_COUNT) -> ReliabilityCurv
         accuracy=accuracy,
         confidence=confidence,
         filled=filled,
-        reliable=count >= min_count,
+        reliable=filled & (count >= min_count),
         ece=float(np.abs(conf_sum - correct_sum).sum() / count.sum()),
         min_count=min_count,
     )

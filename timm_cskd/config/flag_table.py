@@ -20,7 +20,7 @@ FOLDER_DATASETS = ("", "folder", "imagefolder")
 def build_parser() -> argparse.ArgumentParser:
     """timm train.py's flags with timm's names, defaults and groups, plus this trainer's own."""
     parser = argparse.ArgumentParser(
-        prog=program_name("train_imagenet.py"),
+        prog=program_name("python -m timm_cskd.train"),
         description="Train timm models on ImageNet-style folders with Class-wise Self-Knowledge Distillation. "
         "Accepts timm train.py's flags and args.yaml; flags it cannot honour stop the run when set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

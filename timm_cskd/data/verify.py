@@ -1,7 +1,7 @@
 """Pre-flight check: decode every image once and list the ones that cannot be decoded.
 
     python -m timm_cskd.data.verify --data-dir /imagenet --output undecodable.txt -j 16
-    torchrun ... train_imagenet.py ... --exclude-list undecodable.txt
+    torchrun ... -m timm_cskd.train ... --exclude-list undecodable.txt
 
 ImageNet's train set holds files a strict decoder trips on (a PNG saved as .JPEG, CMYK JPEGs); a
 90-epoch run must not die on one of them. Undecodable files are written one per line, relative to
@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"undecodable: {path} ({error})")
     for path, note in unusual:
         print(f"decodes, but {note}: {path}")
-    print(
-        f"{len(bad)} undecodable file(s) written to {args.output}; pass it to train_imagenet.py --exclude-list"
-    )
+    print(f"{len(bad)} undecodable file(s) written to {args.output}; pass it to the trainer's --exclude-list")
     return 0
 
 

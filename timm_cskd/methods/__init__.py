@@ -1,7 +1,7 @@
 """Training methods: CS-KD and the paper's comparison methods, one module each, behind one registry.
 
-    python train_imagenet.py --method cskd --method-kwargs temperature=4 lambda=1
-    python train_imagenet.py --list-methods
+    timm-cskd train --method cskd --method-kwargs temperature=4 lambda=1
+    timm-cskd train --list-methods
 
 Each method is a ``timm_cskd.methods.base.Method`` (a timm ``TrainingTask``) that declares what it needs
 from the trainer, in a module of this package that decorates it with ``@register``; every module here is

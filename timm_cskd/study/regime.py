@@ -33,15 +33,25 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _gap_sign(runs: list[dict]) -> tuple[int, float]:
+    """The sign of the runs' mean confidence gap, 0 where it is not settled: shown as 0.00, within the
+    seeds' spread of 0, or not finite; and that spread (the sample std, 0 for one seed)."""
+    gap = mean_of(runs, "conf_gap")
+    spread = float(np.std([m["conf_gap"] for m in runs], ddof=1)) if len(runs) > 1 else 0.0
+    if gap is None or not np.isfinite(gap) or float(_shown(runs, "conf_gap")) == 0 or abs(gap) <= spread:
+        return 0, spread
+    return (1 if gap > 0 else -1), spread
+
+
 def _baseline_sentence(name: str, runs: list[dict], calib_split: str | None) -> tuple[str, int]:
     """The baseline's regime, and the sign of its gap (0 where its seeds do not settle it)."""
     gap = mean_of(runs, "conf_gap")
-    spread = float(np.std([m["conf_gap"] for m in runs], ddof=1)) if len(runs) > 1 else 0.0
+    sign, spread = _gap_sign(runs)
     ece = f"ECE {_shown(runs, 'ece')}"
     if mean_of(runs, "ece_ts") is not None:
         where = f" fitted on the `{calib_split}` split" if calib_split else ""
         ece += f" ({_shown(runs, 'ece_ts')} after temperature scaling{where})"
-    if gap == 0 or abs(gap) <= spread:
+    if not sign:
         shown_spread = fmt_of("conf_gap").replace("+", "").format(spread)
         return (
             f"The baseline {name} is neither clearly over- nor under-confident: its confidence gap "
@@ -50,19 +60,31 @@ def _baseline_sentence(name: str, runs: list[dict], calib_split: str | None) -> 
         )
     regime = "over-confident" if gap > 0 else "under-confident"
     sentence = f"The baseline {name} is {regime}: confidence gap {_shown(runs, 'conf_gap')} and {ece}."
-    return sentence, 1 if gap > 0 else -1
+    return sentence, sign
 
 
-def _flip_sentence(name: str, rows, sign: int) -> str:
-    flipped = [
-        (label, runs)
-        for label, runs in rows
-        if label != name
-        and mean_of(runs, "conf_gap") is not None
-        and np.sign(mean_of(runs, "conf_gap")) == -sign
+def _flip_sentences(name: str, rows, sign: int) -> list[str]:
+    others = [
+        (label, runs) for label, runs in rows if label != name and mean_of(runs, "conf_gap") is not None
     ]
+    flipped = [(label, runs) for label, runs in others if _gap_sign(runs)[0] == -sign]
+    unsettled = [
+        f"{label} ({_shown(runs, 'conf_gap')} ± {fmt_of('conf_gap').replace('+', '').format(_gap_sign(runs)[1])})"
+        for label, runs in others
+        if not _gap_sign(runs)[0] and np.sign(float(_shown(runs, "conf_gap"))) == -sign
+    ]
+    within = []
+    if unsettled:
+        gap, have, lie, their = (
+            ("gap", "has", "lies", "its") if len(unsettled) == 1 else ("gaps", "have", "lie", "their")
+        )
+        within.append(
+            f"The {gap} of {_join(unsettled)} {have} the opposite sign to {name}'s but {lie} within "
+            f"{their} seed spread of 0."
+        )
     if not flipped:
-        return f"No method flips the sign of {name}'s confidence gap."
+        beyond = " beyond seed noise" if unsettled else ""
+        return [f"No method flips the sign of {name}'s confidence gap{beyond}.", *within]
     theirs, other = (
         ("under-confident", "over-confident") if sign > 0 else ("over-confident", "under-confident")
     )
@@ -74,18 +96,34 @@ def _flip_sentence(name: str, rows, sign: int) -> str:
         ]
     )
     verb, their = ("flips", "its") if len(flipped) == 1 else ("flip", "their")
-    return (
+    return [
         f"{gaps} {verb} the sign of the gap: {theirs} where {name} is {other}, so {their} ECE ({eces}) "
-        f"measures miscalibration in the opposite direction to {name}'s."
-    )
+        f"measures miscalibration in the opposite direction to {name}'s.",
+        *within,
+    ]
+
+
+def _why_untested(results) -> str:
+    reasons = {w.why_not for w in results if w.t is None}
+    return {
+        frozenset({"one seed"}): "one seed",
+        frozenset({"no seed spread"}): "no spread over seeds",
+        frozenset({"not finite"}): "a value that is not finite",
+    }.get(frozenset(reasons), "one seed, no spread over seeds or a value that is not finite")
 
 
 def _noise_sentences(name: str, rows, found) -> list[str]:
-    if not any(w.t is not None for by_key in found.values() for w in by_key.values()):
-        return [f"With one seed no method can be told from {name} beyond seed noise."]
+    untested = [label for label, by_key in found.items() if all(w.t is None for w in by_key.values())]
+    untested_results = [w for label in untested for w in found[label].values()]
+    if len(untested) == len(found):
+        return [
+            f"With {_why_untested(untested_results)} no method can be told from {name} beyond seed noise."
+        ]
     rules = {key: rule for key, _, _, rule in columns_for(rows)}
+    tested = {label: by_key for label, by_key in found.items() if label not in untested}
+    which = "No tested method" if untested else "No method"
     better, worse = [], []
-    for label, by_key in found.items():
+    for label, by_key in tested.items():
         wins, losses = [], []
         for key, result in by_key.items():
             if rules[key] == "zero" or not result.significant:
@@ -100,12 +138,18 @@ def _noise_sentences(name: str, rows, found) -> list[str]:
     if worse:
         sentences.append(f"Worse than {name} beyond seed noise: {'; '.join(worse)}.")
     if not better and not worse:
-        sentences.append(f"No method is better or worse than {name} beyond seed noise on any metric.")
+        sentences.append(f"{which} is better or worse than {name} beyond seed noise on any metric.")
     top1 = [
-        label for label, by_key in found.items() if "top1_err" in by_key and by_key["top1_err"].significant
+        label for label, by_key in tested.items() if "top1_err" in by_key and by_key["top1_err"].significant
     ]
     if (better or worse) and not top1:
-        sentences.append(f"No method's top-1 error differs from {name}'s beyond seed noise.")
+        sentences.append(f"{which}'s top-1 error differs from {name}'s beyond seed noise.")
+    if untested:
+        verb = "has" if len(untested) == 1 else "have"
+        sentences.append(
+            f"{_join(untested)} {verb} no t against {name} ({_why_untested(untested_results)}): "
+            "no significance is read for " + ("it." if len(untested) == 1 else "them.")
+        )
     return sentences
 
 
@@ -117,10 +161,10 @@ def _scaling_sentences(name: str, rows, found, calib_split: str | None) -> list[
             f"No temperature was fitted{split}, so whether scaling alone closes {name}'s gap is not measured."
         ]
     others = [(label, mean_of(runs, "ece")) for label, runs in rows if label != name]
-    others = [(label, ece) for label, ece in others if ece is not None]
+    others = [(label, ece) for label, ece in others if ece is not None and np.isfinite(ece)]
     base_ts = _shown(base_runs, "ece_ts")
     sentence = f"Temperature scaling alone takes {name}'s ECE from {_shown(base_runs, 'ece')} to {base_ts}"
-    if others:
+    if others and np.isfinite(float(base_ts)):
         label, lowest = min(others, key=lambda item: item[1])
         lowest_text = fmt_of("ece").format(lowest)
         relation = "at or below" if float(base_ts) <= float(lowest_text) else "above"
@@ -150,11 +194,13 @@ def regime_paragraph(rows, baseline: str | None = None, calib_split: str | None 
     base_runs = dict(rows).get(name)
     if not base_runs or mean_of(base_runs, "conf_gap") is None:
         return f"No regime can be read: the baseline {name} has no evaluated run with a confidence gap."
+    if not np.isfinite(mean_of(base_runs, "conf_gap")):
+        return f"No regime can be read: the baseline {name}'s confidence gap is not a finite number."
     found = differences(rows, name)
     first, sign = _baseline_sentence(name, base_runs, calib_split)
     sentences = [first]
     if sign:
-        sentences.append(_flip_sentence(name, rows, sign))
+        sentences += _flip_sentences(name, rows, sign)
     sentences += _noise_sentences(name, rows, found) if found else []
     sentences += _scaling_sentences(name, rows, found, calib_split)
     return " ".join(sentences)

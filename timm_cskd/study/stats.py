@@ -73,14 +73,14 @@ def t_critical(df: float, alpha: float = ALPHA) -> float:
 class Welch:
     """A method's mean minus the baseline's, with Welch's t, its Welch-Satterthwaite degrees of freedom,
     the two-sided p and whether |t| passes the two-sided ``ALPHA`` level (``t`` is None with one seed on
-    either side, or no spread on both)."""
+    either side, no spread on both, or a value that is not finite)."""
 
     difference: float
     t: float | None = None
     df: float | None = None
     p: float | None = None
     critical: float | None = None
-    why_not: str = ""  # why there is no t: "one seed" or "no seed spread"
+    why_not: str = ""  # why there is no t: "one seed", "no seed spread" or "not finite"
 
     @property
     def significant(self) -> bool:
@@ -101,7 +101,10 @@ def welch_from_stats(mean_a: float, sd_a: float, n_a: int, mean_b: float, sd_b: 
 
 
 def welch(a, b) -> Welch:
-    """Welch's t-test of the mean of ``a`` minus the mean of ``b`` (unequal variances)."""
+    """Welch's t-test of the mean of ``a`` minus the mean of ``b`` (unequal variances); no t where a
+    value is NaN or infinite (a diverged run's NLL, say)."""
     a, b = [float(v) for v in a], [float(v) for v in b]
+    if not all(math.isfinite(v) for v in a + b):
+        return Welch(math.fsum(a) / len(a) - math.fsum(b) / len(b), why_not="not finite")
     sd = [stdev(v) if len(v) > 1 else 0.0 for v in (a, b)]
     return welch_from_stats(mean(a), sd[0], len(a), mean(b), sd[1], len(b))

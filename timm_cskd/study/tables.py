@@ -75,11 +75,11 @@ def dataset_table(rows, baseline: str | None = None) -> str:
         shown[label] = {
             key: _cell_text([m[key] for m in runs], fmt)
             for key, _, fmt, _ in columns
-            if all(key in m for m in runs)
+            if mean_of(runs, key) is not None
         }
     best = {}
     for key, _, _, rule in columns:
-        means = [cells[key][1] for cells in shown.values() if key in cells]
+        means = [cells[key][1] for cells in shown.values() if key in cells and np.isfinite(cells[key][1])]
         if means:
             best[key] = {"min": min(means), "max": max(means), "zero": min(abs(v) for v in means)}[rule]
     baseline = baseline_label(rows, baseline)
@@ -94,7 +94,7 @@ def dataset_table(rows, baseline: str | None = None) -> str:
                 continue
             text, mean = shown[label][key]
             cell = f"**{text}**" if (abs(mean) if rule == "zero" else mean) == best[key] else text
-            if key == "top1_err" and base_top1 and label != baseline:
+            if key == "top1_err" and base_top1 is not None and base_top1 > 0 and label != baseline:
                 cell += f" ({100 * (mean_of(runs, key) - base_top1) / base_top1:+.1f}%)"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
@@ -122,7 +122,7 @@ def differences(rows, baseline: str | None = None) -> dict[str, dict[str, Welch]
 def _difference_text(result: Welch, fmt: str) -> str:
     text = (fmt if "+" in fmt else fmt.replace("{:", "{:+", 1)).format(result.difference)
     if result.t is None:
-        return text + (f" ({result.why_not})" if result.why_not == "no seed spread" else "")
+        return text + (f" ({result.why_not})" if result.why_not != "one seed" else "")
     text += f" (t {result.t:+.1f}, {result.df:.1f} df)"
     return f"**{text}**" if result.significant else text
 
@@ -131,12 +131,16 @@ def differences_legend(rows, baseline: str | None = None) -> str:
     baseline = baseline_label(rows, baseline)
     if not dict(rows).get(baseline):
         return f"The baseline {baseline} has no evaluated run on this dataset yet: no differences."
+    others = [len(runs) for label, runs in rows if label != baseline and runs]
+    if not others:
+        return f"Only the baseline {baseline} has evaluated runs on this dataset: no differences."
     text = (
         f"Differences from the baseline {baseline}: each method's mean minus {baseline}'s, in the table's "
         "units; in parentheses Welch's t (unequal variances) and its Welch-Satterthwaite degrees of freedom, "
-        f"bold where |t| passes the two-sided {100 * ALPHA:g}% critical value for those degrees of freedom."
+        f"bold where |t| passes the two-sided {100 * ALPHA:g}% critical value for those degrees of freedom. "
+        "Each entry is its own test, not corrected for the number of entries: where a method changes "
+        f"nothing, about one entry in {round(1 / ALPHA)} is bold by chance."
     )
-    others = [len(runs) for label, runs in rows if label != baseline]
     if len(dict(rows)[baseline]) < 2 or all(n < 2 for n in others):
         return (
             f"Differences from the baseline {baseline}: each method's mean minus {baseline}'s. With one seed "
