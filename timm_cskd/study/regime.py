@@ -33,6 +33,10 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _spread_text(spread: float) -> str:
+    return fmt_of("conf_gap").replace("+", "").format(spread)
+
+
 def _gap_sign(runs: list[dict]) -> tuple[int, float]:
     """The sign of the runs' mean confidence gap, 0 where it is not settled: shown as 0.00, within the
     seeds' spread of 0, or not finite; and that spread (the sample std, 0 for one seed)."""
@@ -52,10 +56,9 @@ def _baseline_sentence(name: str, runs: list[dict], calib_split: str | None) -> 
         where = f" fitted on the `{calib_split}` split" if calib_split else ""
         ece += f" ({_shown(runs, 'ece_ts')} after temperature scaling{where})"
     if not sign:
-        shown_spread = fmt_of("conf_gap").replace("+", "").format(spread)
         return (
             f"The baseline {name} is neither clearly over- nor under-confident: its confidence gap "
-            f"{_shown(runs, 'conf_gap')} ± {shown_spread} lies within its seed spread of 0; {ece}.",
+            f"{_shown(runs, 'conf_gap')} ± {_spread_text(spread)} lies within its seed spread of 0; {ece}.",
             0,
         )
     regime = "over-confident" if gap > 0 else "under-confident"
@@ -65,13 +68,15 @@ def _baseline_sentence(name: str, runs: list[dict], calib_split: str | None) -> 
 
 def _flip_sentences(name: str, rows, sign: int) -> list[str]:
     others = [
-        (label, runs) for label, runs in rows if label != name and mean_of(runs, "conf_gap") is not None
+        (label, runs, *_gap_sign(runs))
+        for label, runs in rows
+        if label != name and mean_of(runs, "conf_gap") is not None
     ]
-    flipped = [(label, runs) for label, runs in others if _gap_sign(runs)[0] == -sign]
+    flipped = [(label, runs) for label, runs, their_sign, _ in others if their_sign == -sign]
     unsettled = [
-        f"{label} ({_shown(runs, 'conf_gap')} ± {fmt_of('conf_gap').replace('+', '').format(_gap_sign(runs)[1])})"
-        for label, runs in others
-        if not _gap_sign(runs)[0] and np.sign(float(_shown(runs, "conf_gap"))) == -sign
+        f"{label} ({_shown(runs, 'conf_gap')} ± {_spread_text(spread)})"
+        for label, runs, their_sign, spread in others
+        if not their_sign and np.sign(float(_shown(runs, "conf_gap"))) == -sign
     ]
     within = []
     if unsettled:
@@ -103,13 +108,17 @@ def _flip_sentences(name: str, rows, sign: int) -> list[str]:
     ]
 
 
+# Welch.why_not in words, in the order they are listed.
+WHY_NO_T = {
+    "one seed": "one seed",
+    "no seed spread": "no spread over seeds",
+    "not finite": "a value that is not finite",
+}
+
+
 def _why_untested(results) -> str:
-    reasons = {w.why_not for w in results if w.t is None}
-    return {
-        frozenset({"one seed"}): "one seed",
-        frozenset({"no seed spread"}): "no spread over seeds",
-        frozenset({"not finite"}): "a value that is not finite",
-    }.get(frozenset(reasons), "one seed, no spread over seeds or a value that is not finite")
+    reasons = {w.why_not for w in results}
+    return " or ".join(words for why, words in WHY_NO_T.items() if why in reasons) or "no metric in common"
 
 
 def _noise_sentences(name: str, rows, found) -> list[str]:

@@ -105,6 +105,6 @@ def welch(a, b) -> Welch:
     value is NaN or infinite (a diverged run's NLL, say)."""
     a, b = [float(v) for v in a], [float(v) for v in b]
     if not all(math.isfinite(v) for v in a + b):
-        return Welch(math.fsum(a) / len(a) - math.fsum(b) / len(b), why_not="not finite")
+        return Welch(mean(a) - mean(b), why_not="not finite")
     sd = [stdev(v) if len(v) > 1 else 0.0 for v in (a, b)]
     return welch_from_stats(mean(a), sd[0], len(a), mean(b), sd[1], len(b))
