@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from timm_cskd import study_report
 from timm_cskd.study.regime import regime_paragraph
 from timm_cskd.study.stats import t_critical, t_two_sided_p, welch
 from timm_cskd.study.tables import COLUMNS, dataset_table, differences_legend, differences_table
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("df", [1.0, 1.37, 2.0, 3.2, 4.0, 7.5, 30.0, 1e4])
@@ -386,3 +389,32 @@ def test_a_non_finite_metric_reports_instead_of_crashing(tmp_path, capsys):
         regime_paragraph(rows)
         == "No regime can be read: the baseline CE's confidence gap is not a finite number."
     )
+
+
+def test_results_md_analysis_follows_from_its_own_table():
+    """RESULTS.md's Fashion-MNIST section is the tool's output: rebuilding three seeds per cell from its
+    table (mean - std, mean, mean + std keep the mean, the std and so Welch's t up to rounding), the tool
+    writes the section's legend and paragraph word for word, and marks the same differences bold."""
+    section = (
+        (REPO / "benchmarks" / "RESULTS.md")
+        .read_text()
+        .split("## CPU study: every method on Fashion-MNIST")[1]
+    )
+    blocks = section.split("\n\n")
+    table = next(b for b in blocks if b.startswith("| Method | Top-1 err"))
+    keys = [k for k, _, _, _ in COLUMNS]
+    rows = []
+    for label, cells in table_cells(table).items():
+        runs = [{}, {}, {}]
+        for key, header in zip(keys, (h for k, h, _, _ in COLUMNS)):
+            mean, std = (float(x) for x in numbers_in(cells[header])[:2])
+            for run, offset in zip(runs, (-std, 0.0, std)):
+                run[key] = mean + offset
+        rows.append((label, runs))
+    assert differences_legend(rows) in blocks
+    assert regime_paragraph(rows, calib_split="calib") in blocks
+    printed = table_cells(next(b for b in blocks if b.startswith("| Method |") and "(t " in b))
+    for label, cells in table_cells(differences_table(rows)).items():
+        assert {h: c.startswith("**") for h, c in cells.items()} == {
+            h: c.startswith("**") for h, c in printed[label].items()
+        }, label
